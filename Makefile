@@ -1,0 +1,32 @@
+# Two entry points on a fresh machine:
+#   make demo   set everything up, then train dense / SR-STE / BAME on the bundled digits and compare
+#   make test   set everything up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The tested PyTorch: torchvision's ResNets and timm's DeiT need a torch/torchvision pair built together.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[vision,tensorboard,test]'
+	touch $@
+
+demo: setup
+	$(BIN)/bame demo
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 tests
+
+lint: setup
+	$(BIN)/pip install -q ruff
+	$(BIN)/ruff check bame tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

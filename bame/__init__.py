@@ -1,0 +1,14 @@
+"""bame: efficient N:M sparse training for PyTorch.
+
+    import bame
+    sparsifier = bame.sparsify(model, optimizer, method="bame", nm="1:16", total_steps=T)
+
+See :func:`bame.sparsify` and ``bame.methods.available()``.
+"""
+
+from bame.errors import BameError
+from bame.sparsifier import Sparsifier, SparseLayer, sparsify
+
+__version__ = "0.1.0"
+
+__all__ = ["BameError", "SparseLayer", "Sparsifier", "__version__", "sparsify"]

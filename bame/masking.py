@@ -1,0 +1,205 @@
+"""How a mask attaches to a layer, and what the gradient does.
+
+A sparse layer keeps its raw weight W as an ordinary parameter and gets a parametrization
+(:mod:`torch.nn.utils.parametrize`) so that ``module.weight`` is the *effective* weight ``W * B`` its
+forward uses. The parametrization's backward is straight-through: the raw weight receives the dense
+gradient ``G = dL/d(W*B)``. Whether that gradient is then masked (sparse training), kept dense (update
+iterations, SR-STE) or extended (SR-STE's decay) is decided per method in the optimizer's step hooks,
+once per real optimizer step and after any data-parallel all-reduce.
+
+The module's class is swapped for a thin subclass (as parametrize itself does) whose forward can route
+the layer through a custom autograd Function: bi-directional masks compute the input gradient with a
+*backward* mask ``B_bwd`` (a subset of B that is N:M along the output axis), and the optional sparse
+kernels replace the products altogether. Without either, the forward is the module's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+ForwardImpl = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``W * mask`` in the forward; the gradient passes to W unmasked (STE)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class NMMask(nn.Module):
+    """The parametrization of a sparse layer's weight: ``weight -> W * B`` (straight-through).
+
+    Buffers (they move with ``model.to(...)`` and appear in ``model.state_dict()``):
+        mask: bool, the weight's shape; the forward mask B.
+        scale: optional float values replacing B in the product (soft masks such as MaxQ's); zero
+            exactly where B is zero.
+        bwd_mask: optional bool backward mask for the input gradient (bi-directional methods).
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.bool().clone())
+        self.scale: torch.Tensor | None = None
+        self.bwd_mask: torch.Tensor | None = None
+        self.forward_impl: ForwardImpl | None = None
+
+    def set_scale(self, scale: torch.Tensor | None) -> None:
+        """Use float mask values in the forward product (None: back to the bool mask)."""
+        if scale is None:
+            self.scale = None
+        elif self.scale is None or self.scale.shape != scale.shape:
+            self.register_buffer("scale", scale.detach().clone(), persistent=False)
+        else:
+            self.scale.copy_(scale)
+
+    def set_bwd_mask(self, bwd_mask: torch.Tensor | None) -> None:
+        """Use a separate mask for the input gradient (None: the forward mask)."""
+        if bwd_mask is None:
+            self.bwd_mask = None
+        elif self.bwd_mask is None:
+            self.register_buffer("bwd_mask", bwd_mask.bool().clone(), persistent=False)
+        else:
+            self.bwd_mask.copy_(bwd_mask)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        factor = self.mask if self.scale is None else self.scale
+        return _StraightThrough.apply(weight, factor)
+
+
+def _sparse_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a swapped sparse module: a custom product where one is attached, else the module's."""
+    par = self.parametrizations.weight[0]
+    if par.forward_impl is not None:
+        return par.forward_impl(self, x)
+    if par.bwd_mask is not None:
+        return bidirectional_forward(self, x)
+    return self._bame_base.forward(self, x)
+
+
+_SWAPPED: dict[type, type] = {}
+
+
+def _swap_class(module: nn.Module) -> None:
+    base = type(module)
+    cls = _SWAPPED.get(base)
+    if cls is None:
+        cls = type(f"Sparse{base.__name__.replace('Parametrized', '')}", (base,), {
+            "forward": _sparse_forward, "_bame_base": base,
+        })
+        _SWAPPED[base] = cls
+    module.__class__ = cls
+
+
+def attach(module: nn.Module, mask: torch.Tensor) -> NMMask:
+    """Make ``module.weight`` the effective weight ``W * mask``; returns the parametrization."""
+    par = NMMask(mask.to(module.weight.device))
+    parametrize.register_parametrization(module, "weight", par, unsafe=True)
+    _swap_class(module)
+    return par
+
+
+def detach(module: nn.Module, bake: bool = True) -> None:
+    """Undo :func:`attach`: restore the module's class and a plain ``weight`` parameter.
+
+    Args:
+        bake: keep the effective weight ``W * B`` (True) or the raw W (False). The parameter object
+            stays the same, so optimizers that hold it keep working.
+    """
+    module.__class__ = module._bame_base
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=bake)
+
+
+def is_attached(module: nn.Module) -> bool:
+    return hasattr(module, "_bame_base") and parametrize.is_parametrized(module, "weight")
+
+
+def raw_weight(module: nn.Module) -> nn.Parameter:
+    """The raw weight parameter W of a sparse module (the one the optimizer updates)."""
+    return module.parametrizations.weight.original
+
+
+def parametrization(module: nn.Module) -> NMMask:
+    return module.parametrizations.weight[0]
+
+
+class _BidirLinear(torch.autograd.Function):
+    """``y = x W_f^T + b``; ``dX = dY W_bwd``; ``dW_f = dY^T X`` (dense, straight-through)."""
+
+    @staticmethod
+    def forward(ctx, x, w_fwd, w_bwd, bias):
+        ctx.save_for_backward(x, w_bwd)
+        ctx.has_bias = bias is not None
+        return F.linear(x, w_fwd, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w_bwd = ctx.saved_tensors
+        gy2 = gy.reshape(-1, gy.shape[-1])  # (tokens, out)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy2 @ w_bwd.to(gy.dtype)).reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = gy2.t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = gy2.sum(0)
+        return gx, gw, None, gb
+
+
+class _BidirConv(torch.autograd.Function):
+    """Convolution whose input gradient uses the backward-masked weight."""
+
+    @staticmethod
+    def forward(ctx, x, w_fwd, w_bwd, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, w_bwd)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+        return conv(x, w_fwd, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w_bwd = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        out_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[3]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x.to(gy.dtype), w_bwd.to(gy.dtype), [w_bwd.shape[0]] if has_bias else None,
+            list(stride), list(padding), list(dilation), False, [0] * len(stride), groups, out_mask,
+        )
+        if gx is not None:
+            gx = gx.to(x.dtype)
+        return gx, gw, None, gb, None, None, None, None
+
+
+def check_bidirectional_support(module: nn.Module) -> str | None:
+    """Why bi-directional masks cannot run on this module, or None."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (bi-directional masks need 'zeros')"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r} (bi-directional masks need explicit integer padding)"
+        return None
+    return f"{type(module).__name__} is not a Linear or convolution"
+
+
+def bidirectional_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward with ``W * B`` and an input gradient through ``W * B_bwd``."""
+    par = parametrization(module)
+    w_fwd = module.weight  # W * B through the straight-through parametrization
+    w_bwd = (raw_weight(module).detach() * par.bwd_mask)  # W * B_bwd, no gradient path
+    if isinstance(module, nn.Linear):
+        return _BidirLinear.apply(x, w_fwd, w_bwd, module.bias)
+    return _BidirConv.apply(
+        x, w_fwd, w_bwd, module.bias, module.stride, module.padding, module.dilation, module.groups
+    )

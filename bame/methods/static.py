@@ -1,0 +1,34 @@
+"""Static sparse training: a random N:M mask at initialisation, never changed (the paper's Table 4
+"Static")."""
+
+from __future__ import annotations
+
+import torch
+
+from bame.methods import register
+from bame.methods.base import Method
+from bame.nm import random_mask
+
+
+@register
+class Static(Method):
+    name = "static"
+    description = "random N:M mask at init, fixed (Table 4 'Static')"
+    paper = "BAME (Yang et al., ICML 2025), Table 4"
+    backward_note = "sparse dX (W*B) and dW (masked)"
+
+    def __init__(self, options, **kwargs) -> None:
+        super().__init__(options, **kwargs)
+        # One CPU generator seeded identically on every rank: every process draws the same masks.
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def init_layer(self, layer, ctx) -> None:
+        mask = random_mask(layer.num_blocks, self.m, self.n, self.generator, layer.mask.device)
+        layer.set_mask(layer.unblocks(mask), ctx, zero="pruned")
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])

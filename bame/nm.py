@@ -1,0 +1,187 @@
+"""N:M blocks: the block view of a weight, the top-N kernel, and N:M checks.
+
+Every mask computation in bame runs on a 2-D block view ``[K, M]`` of a weight (SPEC section 1):
+
+* ``group_axis="cin"`` (default): M consecutive input channels at a fixed output and kernel position.
+  A conv weight ``[out, cin, kh, kw]`` is viewed as ``[out, kh, kw, cin]`` and cut into rows of M along
+  ``cin``; a Linear weight ``[out, in]`` is cut along ``in``. This is the layout of SR-STE, ASP, TensorRT
+  and the sparse tensor cores.
+* ``group_axis="kflat"``: M consecutive entries of the row-major ``[out, cin*kh*kw]`` matrix (the
+  layout of the Bi-Mask code).
+* ``group_axis="out"``: M consecutive output channels at a fixed input position. It is the layout of
+  the *transposed* weight used by the input gradient, and serves bi-directional (backward) masks.
+
+All functions here are pure and vectorised over blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from bame.errors import ConfigError
+
+GROUP_AXES = ("cin", "kflat")
+_ALL_AXES = ("cin", "kflat", "out")
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_nm(nm: str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Parse and validate an N:M pattern such as ``"2:4"`` or ``(1, 16)``.
+
+    Raises:
+        ConfigError: unless N and M are integers with 0 < N < M.
+    """
+    if isinstance(nm, str):
+        match = _NM_RE.match(nm)
+        if match is None:
+            raise ConfigError(f"invalid N:M pattern {nm!r}: expected two integers like '2:4' or '1:16'")
+        n, m = int(match.group(1)), int(match.group(2))
+    elif isinstance(nm, (tuple, list)) and len(nm) == 2 and all(isinstance(v, int) for v in nm):
+        n, m = int(nm[0]), int(nm[1])
+    else:
+        raise ConfigError(f"invalid N:M pattern {nm!r}: expected two integers like '2:4' or '1:16'")
+    if not 0 < n < m:
+        raise ConfigError(f"invalid N:M pattern {n}:{m}: need 0 < N < M")
+    return n, m
+
+
+def format_nm(n: int, m: int) -> str:
+    """``(2, 4) -> "2:4"``."""
+    return f"{n}:{m}"
+
+
+def axis_length(shape: torch.Size | tuple[int, ...], group_axis: str) -> int:
+    """Length of the axis along which blocks of M are cut."""
+    _check_axis(group_axis)
+    if group_axis == "cin":
+        return int(shape[1])
+    if group_axis == "kflat":
+        return int(math.prod(shape[1:]))
+    return int(shape[0])
+
+
+def blocking_problem(shape: torch.Size | tuple[int, ...], m: int, group_axis: str) -> str | None:
+    """Why a weight of this shape cannot be cut into blocks of M, or None if it can."""
+    if len(shape) < 2:
+        return f"weight of shape {tuple(shape)} has no input axis"
+    length = axis_length(shape, group_axis)
+    if length % m != 0:
+        name = {"cin": "input channels", "kflat": "cin*kh*kw", "out": "output channels"}[group_axis]
+        return f"{name}={length} not divisible by M={m}"
+    return None
+
+
+def to_blocks(weight: torch.Tensor, m: int, group_axis: str = "cin") -> torch.Tensor:
+    """View a weight as its ``[K, M]`` block matrix.
+
+    Args:
+        weight: a Linear ``[out, in]`` or conv ``[out, cin, *kernel]`` weight (or a mask of that shape).
+        m: block size M.
+        group_axis: ``"cin"``, ``"kflat"`` or ``"out"`` (see the module docstring).
+
+    Returns:
+        ``[K, M]`` with K = numel / M; row k is the k-th block. A copy when the layout needs a permute.
+    """
+    problem = blocking_problem(weight.shape, m, group_axis)
+    if problem is not None:
+        raise ConfigError(f"cannot cut a weight of shape {tuple(weight.shape)} into blocks: {problem}")
+    if group_axis == "cin":
+        return weight.movedim(1, -1).reshape(-1, m)  # [out, *kernel, cin] -> (K, M)
+    if group_axis == "kflat":
+        return weight.reshape(-1, m)  # row-major [out, cin*kh*kw] -> (K, M)
+    return weight.movedim(0, -1).reshape(-1, m)  # [cin, *kernel, out] -> (K, M)
+
+
+def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, ...], group_axis: str = "cin") -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: put a ``[K, M]`` block matrix back into the weight's shape."""
+    _check_axis(group_axis)
+    shape = tuple(shape)
+    if group_axis == "cin":
+        permuted = (shape[0], *shape[2:], shape[1])
+        return blocks.reshape(permuted).movedim(-1, 1)
+    if group_axis == "kflat":
+        return blocks.reshape(shape)
+    permuted = (*shape[1:], shape[0])
+    return blocks.reshape(permuted).movedim(-1, 0)
+
+
+def topn_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep the N largest scores of every block.
+
+    Ties break towards the lower index within the block, deterministically (a stable descending sort
+    keeps equal scores in index order). NaN scores sort as the largest values.
+
+    Args:
+        scores: ``(K, M)`` block scores.
+        n: entries to keep per block, 0 <= n <= M.
+
+    Returns:
+        bool ``(K, M)`` with exactly n True per row.
+    """
+    k, m = scores.shape
+    if not 0 <= n <= m:
+        raise ValueError(f"cannot keep {n} of {m} entries per block")
+    mask = torch.zeros((k, m), dtype=torch.bool, device=scores.device)
+    if n == m:
+        return mask.fill_(True)
+    if n == 0:
+        return mask
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (K, M)
+    return mask.scatter_(-1, order[:, :n], True)
+
+
+def random_mask(k: int, m: int, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A uniformly random N:M block mask ``(K, M)`` drawn from ``generator`` (on the CPU, so that every
+    device and every rank draws the same mask from the same seed)."""
+    noise = torch.rand((k, m), generator=generator)
+    return topn_mask(noise, n).to(device)
+
+
+def count_per_block(mask_blocks: torch.Tensor) -> torch.Tensor:
+    """Number of kept entries in every block, ``(K,)`` int64."""
+    return mask_blocks.sum(dim=-1, dtype=torch.int64)
+
+
+def is_nm(mask: torch.Tensor, n: int, m: int, group_axis: str = "cin", exact: bool = True) -> bool:
+    """Whether a mask (weight-shaped) keeps exactly (or at most) N of every M along ``group_axis``."""
+    counts = count_per_block(to_blocks(mask.bool(), m, group_axis))
+    return bool((counts == n).all()) if exact else bool((counts <= n).all())
+
+
+def _check_axis(group_axis: str) -> None:
+    if group_axis not in _ALL_AXES:
+        raise ConfigError(f"unknown group_axis {group_axis!r}: choose one of {', '.join(GROUP_AXES)}")
+
+
+def backward_mask(
+    weight: torch.Tensor, mask: torch.Tensor, n: int, m: int, perm: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A bi-directional (transposable-in-backward) mask (SPEC section 5).
+
+    The input gradient ``dX = dY (W*B)`` reduces over the *output* axis, so a mask that N:M hardware can
+    use there must keep N of every M consecutive output channels. This keeps the forward mask AND the
+    top-N of ``|W*B|`` in each group of M output channels, for every input position.
+
+    Args:
+        weight: weight W, ``[out, ...]``.
+        mask: forward mask B (bool, same shape).
+        n: N.
+        m: M; ``out`` must divide by it.
+        perm: optional permutation of the output channels (Bi-Mask): groups are taken over the
+            permuted rows, and the result is returned in the original order.
+
+    Returns:
+        bool, the weight's shape: a subset of ``mask`` with at most N per group of M output channels.
+    """
+    scores = (weight.detach() * mask).abs()
+    if perm is not None:
+        scores = scores[perm]
+    keep = from_blocks(topn_mask(to_blocks(scores, m, "out"), n), scores.shape, "out")
+    if perm is not None:
+        unpermuted = torch.empty_like(keep)
+        unpermuted[perm] = keep
+        keep = unpermuted
+    return keep & mask.bool()
