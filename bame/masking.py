@@ -50,25 +50,22 @@ class NMMask(nn.Module):
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.bool().clone())
-        self.scale: torch.Tensor | None = None
-        self.bwd_mask: torch.Tensor | None = None
+        # Derived from the mask and weights (recomputed after a load), so not saved.
+        self.register_buffer("scale", None, persistent=False)
+        self.register_buffer("bwd_mask", None, persistent=False)
         self.forward_impl: ForwardImpl | None = None
 
     def set_scale(self, scale: torch.Tensor | None) -> None:
         """Use float mask values in the forward product (None: back to the bool mask)."""
-        if scale is None:
-            self.scale = None
-        elif self.scale is None or self.scale.shape != scale.shape:
-            self.register_buffer("scale", scale.detach().clone(), persistent=False)
+        if scale is None or self.scale is None or self.scale.shape != scale.shape:
+            self.scale = None if scale is None else scale.detach().clone()
         else:
             self.scale.copy_(scale)
 
     def set_bwd_mask(self, bwd_mask: torch.Tensor | None) -> None:
         """Use a separate mask for the input gradient (None: the forward mask)."""
-        if bwd_mask is None:
-            self.bwd_mask = None
-        elif self.bwd_mask is None:
-            self.register_buffer("bwd_mask", bwd_mask.bool().clone(), persistent=False)
+        if bwd_mask is None or self.bwd_mask is None:
+            self.bwd_mask = None if bwd_mask is None else bwd_mask.bool().clone()
         else:
             self.bwd_mask.copy_(bwd_mask)
 
