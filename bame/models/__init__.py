@@ -1,0 +1,137 @@
+"""The model zoo: every architecture the experiments train, behind one :func:`create`.
+
+Each architecture is a factory function registered under a short name::
+
+    @register("resnet20", "CIFAR ResNet-20 (He et al. 2016), 0.27M params")
+    def resnet20(*, num_classes: int, in_channels: int, image_size: int, width: float,
+                 shortcut: str = "A") -> nn.Module: ...
+
+so adding a model is that one function. :func:`create` checks the common arguments, rejects options the
+factory does not take, builds the model and stamps ``bame_input_shape`` on it. Every model also carries
+``bame_dense_layers``: the names (as in ``named_modules()``) of the layers the paper's policy keeps dense.
+
+Importing this package imports only torch: torchvision and timm are imported by the factories that need
+them, when they are called.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from torch import nn
+
+from bame.errors import ConfigError
+from bame.models._common import check_int, check_positive
+
+__all__ = ["available", "create", "register"]
+
+Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
+
+# The arguments every factory receives from create(); anything else is a model-specific option.
+_COMMON = ("num_classes", "in_channels", "image_size", "width")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    description: str
+    factory: Callable[..., nn.Module]
+
+
+# Insertion-ordered, so available() lists models in the order the modules below register them.
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register(name: str, description: str) -> Callable[[Factory], Factory]:
+    """Register a model factory under ``name``.
+
+    The factory is called with the keyword arguments ``num_classes``, ``in_channels``, ``image_size`` and
+    ``width``, plus any model-specific options the user passed to :func:`create`.
+
+    Args:
+        name: The name users pass to :func:`create`.
+        description: One line shown by :func:`available` (and the command line's model list).
+
+    Returns:
+        A decorator that records the factory and returns it unchanged.
+
+    Raises:
+        ValueError: If ``name`` is already taken (a programming error, not a user error).
+    """
+
+    def decorator(factory: Factory) -> Factory:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = _Entry(description, factory)
+        return factory
+
+    return decorator
+
+
+def available() -> dict[str, str]:
+    """Return the registered models as ``{name: one-line description}``, in registration order."""
+    return {name: entry.description for name, entry in _REGISTRY.items()}
+
+
+def create(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int = 32,
+    width: float = 1.0,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a freshly initialised model (pretrained weights are never loaded).
+
+    Args:
+        name: A name from :func:`available`.
+        num_classes: Size of the classifier's output.
+        in_channels: Channels of the input images.
+        image_size: Side of the (square) input images. ImageNet models work at any size their strides
+            allow, but pass 224 to describe ImageNet inputs: it sets ``bame_input_shape``.
+        width: Channel multiplier (1.0 is the published architecture).
+        **kwargs: Model-specific options, e.g. ``shortcut="B"`` for the CIFAR ResNets or ``depth`` for
+            ``mlp``.
+
+    Returns:
+        The model, with ``bame_dense_layers`` and ``bame_input_shape == (in_channels, image_size,
+        image_size)`` set.
+
+    Raises:
+        ConfigError: For an unknown name, an unknown option or an invalid value.
+    """
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise ConfigError(f"unknown model {name!r}; available models: {', '.join(_REGISTRY)}")
+    check_int("num_classes", num_classes)
+    check_int("in_channels", in_channels)
+    check_int("image_size", image_size)
+    width = check_positive("width", width)
+    _check_options(name, entry.factory, kwargs)
+    model = entry.factory(
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width, **kwargs
+    )
+    if not isinstance(getattr(model, "bame_dense_layers", None), tuple):
+        raise TypeError(f"model factory {name!r} did not set bame_dense_layers")  # a bug, not a user error
+    model.bame_input_shape = (in_channels, image_size, image_size)
+    return model
+
+
+def _check_options(name: str, factory: Callable[..., nn.Module], options: dict[str, Any]) -> None:
+    """Raise a ConfigError naming the valid options if ``options`` has one the factory does not take."""
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # the factory forwards extra options to a third-party constructor, which checks them
+    accepted = [p for p in parameters if p not in _COMMON]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        valid = ", ".join(accepted) if accepted else "none"
+        raise ConfigError(f"model {name!r} has no option {unknown[0]!r}; its options: {valid}")
+
+
+# Importing the architecture modules runs their @register decorators; the order here is the order of
+# available(). They must come after register() is defined, since they import it from this package.
+from bame.models import cifar_resnet, mobilenetv2, small, vit, imagenet  # noqa: E402, F401, I001
