@@ -158,6 +158,8 @@ class Sparsifier:
     # -- construction ----------------------------------------------------------------------------------
     def _select(self, include: Iterable[str], exclude: Iterable[str], layer_filter: LayerFilter | None) -> None:
         inner = _unwrap(self.model)
+        if layer_filter is None:
+            layer_filter = self.method.layer_filter()
         candidates = select_layers(inner, self.m, self.group_axis, include, exclude, layer_filter)
         self.all_layers = [(f"{c.name}.weight", c.module) for c in candidates]
         for cand in candidates:
@@ -208,6 +210,10 @@ class Sparsifier:
         self.method.prepare(self.step, self)
 
     # -- services for methods ------------------------------------------------------------------------------
+    def group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        """The optimizer's param group that holds ``param`` (its lr, weight_decay, momentum ...)."""
+        return self._group_of[id(param)]
+
     def lr_of(self, param: torch.Tensor) -> float:
         """The learning rate of the parameter's group at this step (eta of Eq. 5)."""
         lr = self._group_of[id(param)]["lr"]
@@ -357,6 +363,7 @@ def sparsify(
     exclude: Iterable[str] = (),
     layer_filter: LayerFilter | None = None,
     seed: int = 0,
+    steps_per_epoch: int | None = None,
     verbose: bool = True,
     **options: Any,
 ) -> Sparsifier:
@@ -373,6 +380,7 @@ def sparsify(
         exclude: layer names or patterns to keep dense.
         layer_filter: ``(name, module) -> bool`` replacing the default policy.
         seed: seed of the method's random choices (identical on every rank).
+        steps_per_epoch: optimizer steps per epoch, for methods with epoch-granular schedules (LBC, MaxQ).
         verbose: log one line per layer left dense.
         **options: the method's own options (e.g. ``delta_t``, ``alpha``, ``t_i`` for BAME).
 
@@ -385,6 +393,7 @@ def sparsify(
     if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
         raise ConfigError(f"total_steps must be a positive int, not {total_steps!r}")
     cls = methods.get(method)
-    instance = cls(cls.make_options(**options), n=n, m=m, total_steps=total_steps, seed=seed)
+    instance = cls(cls.make_options(**options), n=n, m=m, total_steps=total_steps, seed=seed,
+                   steps_per_epoch=steps_per_epoch)
     return Sparsifier(model, optimizer, instance, group_axis=group_axis, include=include, exclude=exclude,
                       layer_filter=layer_filter, verbose=verbose)

@@ -27,7 +27,7 @@ from bame.masking import check_bidirectional_support
 from bame.methods import register
 from bame.methods.base import Charge, Method
 from bame.nm import backward_mask, blocking_problem, topn_mask
-from bame.schedules import gradual_budget, is_update_step, resolve_step
+from bame.schedules import gradual_budget, is_update_step, phase, resolve_step
 
 
 @dataclass
@@ -185,6 +185,11 @@ class BlockEvolution(Method):
             return Charge(k, r if bwd else k, dw, k, r if bwd else 1.0, dw)
         dw = 1.0 if is_update_step(t, self.t_i, self.t_f, self.options.delta_t) else r
         return Charge(r, r, dw, r, r if bwd else 1.0, dw)
+
+    def phase_of(self, t: int) -> str:
+        if is_update_step(t, self.t_i, self.t_f, self.options.delta_t):
+            return "update"
+        return phase(t, self.t_i, self.t_f)
 
     def mask_is_final(self, t: int) -> bool:
         return t >= self.t_i

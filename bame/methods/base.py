@@ -17,6 +17,7 @@ here (class attributes and :meth:`Method.charge`), so neither ever tests a metho
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -68,12 +69,16 @@ class Method:
     #: What the backward pass computes, for the README's table of methods.
     backward_note: ClassVar[str] = ""
 
-    def __init__(self, options: Any, *, n: int, m: int, total_steps: int | None, seed: int) -> None:
+    def __init__(
+        self, options: Any, *, n: int, m: int, total_steps: int | None, seed: int, steps_per_epoch: int | None = None
+    ) -> None:
         self.options = options
         self.n, self.m = n, m
         self.r = n / m
         self.total_steps = total_steps
         self.seed = seed
+        #: Optimizer steps per epoch when known, for methods whose schedules are epoch-granular.
+        self.steps_per_epoch = steps_per_epoch
         self.check_nm(n, m)
 
     # -- construction ---------------------------------------------------------------------------
@@ -93,6 +98,11 @@ class Method:
     def wants_bwd_mask(self) -> bool:
         """Whether sparse layers get a backward mask for the input gradient."""
         return False
+
+    def layer_filter(self) -> Callable[[str, Any], bool] | None:
+        """A method's own layer policy ``(name, module) -> bool`` replacing the default one (e.g. ASP's
+        ``layer_policy="reference"``), or None. A user's ``layer_filter`` takes precedence."""
+        return None
 
     # -- lifecycle (override as needed) --------------------------------------------------------------
     def init_layer(self, layer: SparseLayer, ctx: Sparsifier) -> None:
@@ -121,6 +131,10 @@ class Method:
         """Densities charged to ``layer``'s products on iteration t. Default: static N:M."""
         r = self.r
         return Charge(r, r, r, r, 1.0, r)
+
+    def phase_of(self, t: int) -> str:
+        """A name for the part of the schedule iteration t is in (for the per-phase FLOPs breakdown)."""
+        return "sparse"
 
     def mask_is_final(self, t: int) -> bool:
         """Whether from iteration t on every block keeps exactly N (the invariant tests use it)."""

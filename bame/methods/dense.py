@@ -17,5 +17,8 @@ class Dense(Method):
     def before_step(self, t: int, ctx) -> None:
         pass
 
+    def phase_of(self, t: int) -> str:
+        return "dense"
+
     def charge(self, t: int, layer) -> Charge:
         return Charge.dense()
