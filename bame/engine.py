@@ -304,6 +304,26 @@ def _epoch_end(run: Run, epoch_start: float) -> dict[str, Any]:
     return row
 
 
+def _tensorboard(run: Run) -> Any:
+    """A SummaryWriter into ``DIR/tb`` on rank 0 when tensorboard is installed, else None."""
+    if not run.info.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: pip install 'bame[tensorboard]'
+        return None
+    return SummaryWriter(log_dir=str(run.out / "tb"))
+
+
+def _log_tensorboard(writer: Any, row: dict[str, Any]) -> None:
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key not in ("epoch", "step") and isinstance(value, (int, float)):
+            writer.add_scalar(key, value, row["step"])
+    writer.flush()
+
+
 def _print_epoch(run: Run, row: dict[str, Any], epochs: int) -> None:
     dense = run.ledger.cost.dense_train() * run.ledger.batch_size * max(run.ledger.steps, 1)
     print(f"epoch {row['epoch']:>3}/{epochs}  step {row['step']:>6}  lr {row['lr']:.4f}  "
@@ -353,6 +373,7 @@ def _loop(run: Run) -> dict[str, Any]:
     epochs = math.ceil(run.total_steps / len(run.train_loader))
     previous = {sig: signal.signal(sig, lambda s, f: setattr(run, "stop_signal", s))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
+    writer = _tensorboard(run)
     try:
         while run.sparsifier.step < run.total_steps:
             started = time.perf_counter()
@@ -365,12 +386,15 @@ def _loop(run: Run) -> dict[str, Any]:
             row = _epoch_end(run, started)
             if run.info.is_main:
                 _write_lines(run.out / "metrics.jsonl", [row])
+                _log_tensorboard(writer, row)
                 _print_epoch(run, row, epochs)
             save_checkpoint(run)
         return finish(run, row if run.epoch else {})
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if writer is not None:
+            writer.close()
 
 
 def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
