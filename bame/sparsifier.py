@@ -150,6 +150,7 @@ class Sparsifier:
         self.bind(optimizer)
         for layer in self.layers:
             method.init_layer(layer, self)
+        self._ddp_ignore_buffers()
         method.prepare(self.step, self)
         if verbose:
             for name, reason in self.dense_layers.items():
@@ -175,8 +176,12 @@ class Sparsifier:
                 f"the model has no layer that can be made {format_nm(self.n, self.m)} sparse "
                 f"(group_axis={self.group_axis}): " + "; ".join(f"{k}: {v}" for k, v in self.dense_layers.items())
             )
+
+    def _ddp_ignore_buffers(self) -> None:
+        """Masks and method state are decided identically on every rank: DDP need not broadcast them."""
+        inner = _unwrap(self.model)
         ignore = list(getattr(inner, "_ddp_params_and_buffers_to_ignore", []))
-        for layer in self.layers:  # masks are decided identically on every rank: no broadcast needed
+        for layer in self.layers:
             ignore += [f"{layer.module_name}.parametrizations.weight.0.{b}" for b, _ in layer.par.named_buffers()]
         inner._ddp_params_and_buffers_to_ignore = ignore
 

@@ -1,0 +1,222 @@
+"""MaxQ, Multi-Axis Query (Xiang et al., "MaxQ: multi-axis query for N:M sparsity network", CVPR 2024;
+code ``JingyangXiang/MaxQ``, default ``SoftMaxQConv2DBNV2Pro``), METHODS section 3.
+
+Before every iteration, from the current |W|:
+
+1. hard mask with incremental sparsity: ``B = top-N |W|`` per block, except that the share p(e) of the
+   blocks with the *smallest* L1 norm stays dense (``incremental="blocks"``, the default variant; the
+   largest blocks become N:M first). p falls from 1 to 0 over the window ``[decay_start, decay_end)``
+   (:func:`dense_share`). ``incremental="per_block"`` (``..._v2_pro_NM``) instead prunes
+   ``floor((M - N)(1 - p))`` entries of every block.
+2. soft scores along two axes, ``s = hard * sigmoid((|W| - thr) / tau)`` (:func:`axis_soft`): filter-wise
+   (each output filter a row) and kernel-wise (each kernel position across the layer; only for convs
+   with more than one kernel position; a Linear layer has the filter axis only, MaxQ being CNN-only).
+3. the forward uses ``W * B (1 + s_f + s_k)`` (mask values 0 or in [1, 3]); the following norm layer
+   absorbs the amplification, and ``squash`` bakes it into the weight (still N:M).
+
+Weight gradient: pure straight-through, ``dL/dW = dL/d(W*mask)``, dense, plus SR-STE's decay
+``lambda * (1 - clamp(mask, 0, 1)) * W`` (blocks held dense get none) added once, after unscaling.
+
+p is evaluated per epoch, as in the code, when the run's ``steps_per_epoch`` is known (the engine
+passes it); with ``granularity="iteration"`` or an unknown epoch length it changes every iteration.
+``decay_start``/``decay_end`` are iterations (or fractions of T) either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from bame.errors import ConfigError
+from bame.methods import register
+from bame.methods.base import Charge, Method
+from bame.methods.sr_ste import sr_ste_decay
+from bame.nm import topn_mask
+from bame.schedules import resolve_step
+
+SCHEDULES = ("linear", "cubic", "cos", "exp")
+INCREMENTAL = ("blocks", "per_block")
+GRANULARITIES = ("epoch", "iteration")
+EXP_RATE = 0.05  # b of the reference's exp schedule
+
+
+@dataclass
+class MaxqOptions:
+    decay_start: int | float = 0  # ImageNet scripts: the N:M share grows over epochs [0, 30) of 120 ...
+    decay_end: int | float = 0.25  # ... i.e. the first quarter of training
+    schedule: str = "linear"  # args.py and the ImageNet scripts; cubic / cos / exp are the CIFAR sweeps'
+    incremental: str = "blocks"  # the default v2_pro variant: whole blocks become N:M, largest L1 first
+    tau: float = 0.01  # sigmoid temperature, absolute (not normalised to the weight scale), as in the code
+    lambda_w: float = 2e-4  # SR-STE's decay (decay_type v1)
+    granularity: str = "epoch"  # p is evaluated per epoch in the code (when the epoch length is known)
+
+
+def dense_share(e: float, s: float, t: float, schedule: str = "linear") -> float:
+    """p(e), the share of blocks kept dense at epoch e, over the window ``[s, t)``.
+
+    linear ``1 - (e-s)/(t-s)``; cubic ``(1 - (e-s)/(t-s))^3``; cos ``cos(pi/2 (e-s)/(t-s))``;
+    exp ``1 - q(e-s)/q(t-s-1)`` with ``q(i) = 1 - exp(-0.05 i)`` (reaches 0 already at e = t-1).
+    All are 1 before s and 0 from t on; ``s = t`` means no incremental phase.
+    """
+    if e >= t:
+        return 0.0
+    if e < s:
+        return 1.0
+    x = (e - s) / (t - s)
+    if schedule == "linear":
+        return min(1.0, max(0.0, 1.0 - x))
+    if schedule == "cubic":
+        return min(1.0, max(0.0, (1.0 - x) ** 3))
+    if schedule == "cos":
+        return math.cos(math.pi / 2 * x)
+    if schedule == "exp":
+        q = lambda i: 1.0 - math.exp(-EXP_RATE * i)  # noqa: E731
+        return max(0.0, 1.0 - q(e - s) / q(t - s - 1))
+    raise ConfigError(f"unknown schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+
+
+def axis_soft(x: torch.Tensor, n: int, m: int, tau: float) -> torch.Tensor:
+    """MaxQ's soft score along one axis: ``hard * sigmoid((x - thr) / tau)`` ``(rows, L)``.
+
+    Each row keeps its ``L - n_prune`` largest entries, ``n_prune = floor((M-N) L / M)`` (exact integer
+    arithmetic), and ``thr`` is the midpoint between the largest pruned and the smallest kept value. With
+    ``n_prune = 0`` (a short row) nothing is pruned and every score is 1 (the reference gets NaN).
+
+    Args:
+        x: ``(rows, L)`` magnitudes, one query per row.
+    """
+    length = x.shape[-1]
+    n_prune = (m - n) * length // m
+    if n_prune == 0:
+        return torch.ones_like(x)
+    ordered = torch.sort(x, dim=-1).values  # (rows, L) ascending
+    thr = (ordered[:, n_prune - 1] + ordered[:, n_prune]) / 2  # (rows,)
+    hard = topn_mask(x, length - n_prune)  # (rows, L)
+    return hard * torch.sigmoid((x - thr[:, None]) / tau)
+
+
+def soft_scores(weight: torch.Tensor, n: int, m: int, tau: float) -> torch.Tensor:
+    """``s_f + s_k``, weight-shaped: the filter-wise score plus, for a conv with more than one kernel
+    position, the kernel-wise one (each kernel position a row across ``out * cin``)."""
+    a = weight.detach().abs()
+    s = axis_soft(a.reshape(a.shape[0], -1), n, m, tau).reshape(a.shape)  # rows: output filters
+    positions = math.prod(a.shape[2:])
+    if a.dim() > 2 and positions > 1:
+        out, cin = a.shape[:2]
+        by_position = a.reshape(out, cin, positions).permute(2, 0, 1).reshape(positions, out * cin)
+        s_k = axis_soft(by_position, n, m, tau).reshape(positions, out, cin).permute(1, 2, 0)
+        s = s + s_k.reshape(a.shape)
+    return s
+
+
+def incremental_mask(
+    weight_blocks: torch.Tensor, n: int, share: float, incremental: str = "blocks"
+) -> torch.Tensor:
+    """The hard mask ``(K, M)``: top-N |W|, with the share ``p`` of smallest-L1 blocks kept dense
+    (``"blocks"``) or ``floor((M-N)(1-p))`` pruned in every block (``"per_block"``)."""
+    a = weight_blocks.abs()
+    k, m = a.shape
+    if incremental == "per_block":
+        return topn_mask(a, m - math.floor((m - n) * (1.0 - share)))
+    mask = topn_mask(a, n)
+    n_dense = math.floor(share * k)
+    if n_dense > 0:
+        lightest = torch.sort(a.sum(dim=-1), stable=True).indices[:n_dense]  # (n_dense,) smallest L1
+        mask[lightest] = True
+    return mask
+
+
+@register
+class Maxq(Method):
+    name = "maxq"
+    description = "MaxQ: top-N mask times multi-axis soft scores; N:M share of blocks grows over a window"
+    paper = "Xiang et al., CVPR 2024"
+    Options = MaxqOptions
+    backward_note = "dX through W*mask(t) (soft); dense STE dW + lambda*(1-B)*W"
+
+    def __init__(self, options, **kwargs) -> None:
+        super().__init__(options, **kwargs)
+        o = options
+        if o.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {o.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if o.incremental not in INCREMENTAL:
+            raise ConfigError(f"incremental must be one of {', '.join(INCREMENTAL)}, not {o.incremental!r}")
+        if not o.tau > 0:
+            raise ConfigError(f"tau={o.tau} must be positive")
+        if o.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be 'epoch' or 'iteration', not {o.granularity!r}")
+        self.decay_start = resolve_step(o.decay_start, self.total_steps, "decay_start")
+        self.decay_end = resolve_step(o.decay_end, self.total_steps, "decay_end")
+        s, t = self._window()
+        if t < s:
+            raise ConfigError(f"decay_end={self.decay_end} comes before decay_start={self.decay_start}")
+        if t == s and s > 0 and o.schedule in ("linear", "cubic"):
+            raise ConfigError(f"an empty window at {s} > 0 is undefined for the {o.schedule} schedule")
+        if o.schedule == "exp" and 0 < t - s <= 1:
+            raise ConfigError("the exp schedule needs a window longer than one epoch (or iteration)")
+
+    def resolved_options(self) -> dict:
+        return {**super().resolved_options(), "decay_start": self.decay_start, "decay_end": self.decay_end}
+
+    # -- schedule ------------------------------------------------------------------------------------------
+    def _epoch_length(self) -> int:
+        """Iterations per schedule step: the run's epoch (granularity "epoch", when known) or 1."""
+        if self.options.granularity == "epoch" and self.steps_per_epoch:
+            return self.steps_per_epoch
+        return 1
+
+    def _window(self) -> tuple[float, float]:
+        spe = self._epoch_length()
+        return self.decay_start / spe, self.decay_end / spe
+
+    def share(self, t: int) -> float:
+        """p at iteration t: the share of blocks kept dense."""
+        return dense_share(t // self._epoch_length(), *self._window(), self.options.schedule)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def prepare(self, t: int, ctx) -> None:
+        p = self.share(t)
+        for layer in ctx.layers:
+            self._set_mask(layer, p, ctx)
+
+    def refresh(self, ctx) -> None:
+        self.prepare(ctx.step, ctx)
+
+    @torch.no_grad()
+    def _set_mask(self, layer, p: float, ctx) -> None:
+        o = self.options
+        weight = layer.weight.detach()
+        hard = layer.unblocks(incremental_mask(layer.blocks(weight), self.n, p, o.incremental))
+        layer.mask.copy_(hard)  # in place, no flip count: no host-device sync on every iteration
+        scale = hard * (1.0 + soft_scores(weight, self.n, self.m, o.tau))  # 0 or in [1, 3]
+        layer.par.set_scale(scale.to(weight.dtype))
+
+    @torch.no_grad()
+    def before_step(self, t: int, ctx) -> None:
+        for layer in ctx.layers:
+            grad = layer.weight.grad
+            if grad is not None:  # straight-through: the dense G, unmasked
+                grad.add_(sr_ste_decay(layer.weight, layer.mask, self.options.lambda_w))
+
+    # -- accounting --------------------------------------------------------------------------------------
+    def charge(self, t: int, layer) -> Charge:
+        p, r = self.share(t), self.r
+        if self.options.incremental == "per_block":
+            kept = self.m - math.floor((self.m - self.n) * (1.0 - p))
+            d, fwd_hw = kept / self.m, (r if kept == self.n else 1.0)
+        else:
+            n_dense = math.floor(p * layer.num_blocks)
+            d = (n_dense + (layer.num_blocks - n_dense) * r) / layer.num_blocks  # p + (1 - p) r, per layer
+            fwd_hw = d
+        return Charge(d, d, 1.0, fwd_hw, 1.0, 1.0)
+
+    def phase_of(self, t: int) -> str:
+        return "incremental" if self.share(t) > 0.0 else "nm"
+
+    def mask_is_final(self, t: int) -> bool:
+        return self.share(t) == 0.0
+
+    def mask_may_change(self, t: int) -> bool:
+        return True

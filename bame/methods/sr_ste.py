@@ -1,0 +1,77 @@
+"""SR-STE (Zhou et al., "Learning N:M fine-grained structured sparse neural networks from scratch",
+ICLR 2021; code ``aojunzz/NM-sparsity``), METHODS section 1.
+
+* Forward mask: ``B = top-N |W|`` per block, recomputed before every forward (here: before the
+  forward of every iteration, and after a state load). Pruned weights are never zeroed: they keep
+  training and can come back by magnitude.
+* Weight gradient: straight-through and dense (the STE of BAME's Eq. 2), plus SR-STE's
+  sparse-refined term::
+
+      grad_W = G + lambda_w * (1 - B) * W          # G = dL/d(W*B)
+
+  added exactly once, to the already averaged (all-reduced, unscaled) gradient. The released ImageNet
+  script adds it on each of 8 ranks before an all-reduce *sum*, so its effective value is 8 x 2e-4;
+  that is a known difference from the released runs, not something to copy (METHODS 0.4). The term
+  goes to the gradient, not the loss, so momentum and weight decay act on it; with Adam it is rescaled.
+* Input gradient: ordinary autograd through ``W*B`` (its transpose is not N:M along the output axis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bame.methods import register
+from bame.methods.base import Charge, Method
+from bame.nm import topn_mask
+
+
+@dataclass
+class SrSteOptions:
+    lambda_w: float = 2e-4  # SR-STE's decay (paper Sec. 4 and every released config)
+
+
+def sr_ste_decay(weight: torch.Tensor, mask: torch.Tensor, lambda_w: float) -> torch.Tensor:
+    """SR-STE's sparse-refined term ``lambda_w * (1 - B) * W``, weight-shaped (no sign: L2-shaped)."""
+    return weight * (~mask.bool()) * lambda_w
+
+
+def magnitude_mask(layer, n: int) -> torch.Tensor:
+    """``top-N |W|`` of every block of a layer, as a bool weight-shaped mask."""
+    return layer.unblocks(topn_mask(layer.blocks(layer.weight.detach().abs()), n))
+
+
+@register
+class SrSte(Method):
+    name = "sr_ste"
+    description = "SR-STE: top-N |W| every iteration, dense straight-through gradient + sparse-refined decay"
+    paper = "Zhou et al., ICLR 2021"
+    Options = SrSteOptions
+    backward_note = "dense dX (W*B, not N:M along outputs); dense STE dW + lambda_w*(1-B)*W"
+
+    def prepare(self, t: int, ctx) -> None:
+        self.refresh(ctx)
+
+    @torch.no_grad()
+    def refresh(self, ctx) -> None:
+        for layer in ctx.layers:
+            # In place, without set_mask's flip count: no host-device sync on every iteration.
+            layer.mask.copy_(magnitude_mask(layer, self.n))
+
+    @torch.no_grad()
+    def before_step(self, t: int, ctx) -> None:
+        for layer in ctx.layers:
+            grad = layer.weight.grad
+            if grad is not None:  # straight-through: grad is the dense G; it stays unmasked
+                grad.add_(sr_ste_decay(layer.weight, layer.mask, self.options.lambda_w))
+
+    def charge(self, t: int, layer) -> Charge:
+        r = self.r
+        return Charge(r, 1.0, 1.0, r, 1.0, 1.0)
+
+    def mask_is_final(self, t: int) -> bool:
+        return True  # N per block from the first forward on (only *which* N changes)
+
+    def mask_may_change(self, t: int) -> bool:
+        return True
