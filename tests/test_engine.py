@@ -168,3 +168,26 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
     for method in ("dense", "sr_ste", "bame"):
         assert any(line.startswith(method) for line in text.splitlines())
     assert (tmp_path / "digits" / "demo.png").stat().st_size > 10_000
+
+
+def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    import gzip
+    import struct
+
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_demo_on_fashion_mnist_files(tmp_path, capsys):
+    """The same demo on Fashion-MNIST, read from IDX files in the real format."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    for prefix, n in (("train", 256), ("t10k", 64)):
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), 2051)
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), 2049)
+    assert main(["demo", "--dataset", "fashion-mnist", "--epochs", "1", "--data-dir", str(data),
+                 "--methods", "dense,bame", "--out", str(tmp_path / "out")]) == 0
+    assert "bame" in capsys.readouterr().out
+    assert (tmp_path / "out" / "fashion-mnist" / "demo.png").is_file()
