@@ -6,6 +6,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The tested PyTorch: torchvision's ResNets and timm's DeiT need a torch/torchvision pair built together.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip's notes about package-index locations that do not exist here are noise, not errors.
+QUIET  := 2>&1 | sed '/^WARNING: Location/d'
 
 .PHONY: setup demo test lint bench clean
 
@@ -13,9 +17,9 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[vision,tensorboard,test]'
+	$(BIN)/pip install -q --upgrade pip $(QUIET)
+	$(BIN)/pip install -q $(TORCH) $(QUIET)
+	$(BIN)/pip install -q -e '.[vision,tensorboard,test]' $(QUIET)
 	touch $@
 
 demo: setup
