@@ -49,6 +49,7 @@ class SparseLayer:
         self.state_names: list[str] = []
         self.stats: dict[str, Any] = {"updates": 0, "last_flips": 0, "frozen_fraction": 0.0, "total_flips": 0}
         self.bwd_note: str | None = None  # why a wanted backward mask is not used on this layer
+        self.kernel_note: str | None = None  # which products run sparse kernels (kernel="sparse")
 
     # -- tensors -----------------------------------------------------------------------------------
     @property
@@ -268,6 +269,7 @@ class Sparsifier:
                 "frozen_fraction": layer.stats["frozen_fraction"], "last_flips": layer.stats["last_flips"],
                 "total_flips": layer.stats["total_flips"], "updates": layer.stats["updates"],
                 "backward_mask": layer.par.bwd_mask is not None, "note": layer.bwd_note,
+                "kernel": layer.kernel_note,
             })
         return rows
 
@@ -369,6 +371,7 @@ def sparsify(
     layer_filter: LayerFilter | None = None,
     seed: int = 0,
     steps_per_epoch: int | None = None,
+    kernel: str = "dense",
     verbose: bool = True,
     **options: Any,
 ) -> Sparsifier:
@@ -386,6 +389,8 @@ def sparsify(
         layer_filter: ``(name, module) -> bool`` replacing the default policy.
         seed: seed of the method's random choices (identical on every rank).
         steps_per_epoch: optimizer steps per epoch, for methods with epoch-granular schedules (LBC, MaxQ).
+        kernel: ``"dense"`` (masked dense products) or ``"sparse"``: Linear layers and 1x1 convs run the
+            N:M kernels of :mod:`bame.kernels` where a measured plan beats dense (same numbers).
         verbose: log one line per layer left dense.
         **options: the method's own options (e.g. ``delta_t``, ``alpha``, ``t_i`` for BAME).
 
@@ -400,5 +405,12 @@ def sparsify(
     cls = methods.get(method)
     instance = cls(cls.make_options(**options), n=n, m=m, total_steps=total_steps, seed=seed,
                    steps_per_epoch=steps_per_epoch)
-    return Sparsifier(model, optimizer, instance, group_axis=group_axis, include=include, exclude=exclude,
-                      layer_filter=layer_filter, verbose=verbose)
+    if kernel not in ("dense", "sparse"):
+        raise ConfigError(f"kernel must be 'dense' or 'sparse', not {kernel!r}")
+    sparsifier = Sparsifier(model, optimizer, instance, group_axis=group_axis, include=include, exclude=exclude,
+                            layer_filter=layer_filter, verbose=verbose)
+    if kernel == "sparse":
+        from bame.kernels import enable_sparse_kernels
+
+        enable_sparse_kernels(sparsifier)
+    return sparsifier

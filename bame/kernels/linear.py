@@ -1,0 +1,288 @@
+"""The three products of an N:M-sparse Linear layer, in several formulations, and their autograd Function.
+
+For ``x (T, in)``, a packed weight ``W*B (out, in)`` and the output gradient ``dY (T, out)``:
+
+* forward       ``y  = x @ (W*B)^T``                          -> ``(T, out)``
+* input grad    ``dX = dY @ (W*B)``                           -> ``(T, in)``
+* weight grad   ``dW[o, k] = sum_t dY[t, o] * x[t, cols[o, k]]`` at kept slots only -> ``(out, in//m, n)``
+
+Each formulation is a plain function; :data:`FORWARD`, :data:`INPUT_GRAD` and :data:`WEIGHT_GRAD` map plan
+names to them. They all take the values held by the :class:`Packed` they are given, in ``x``'s dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bame.kernels.packed import Packed, csr_tensor, unpack
+from bame.kernels.tiles import from_tiles, layer_tile, to_tiles
+
+if TYPE_CHECKING:
+    from bame.kernels.plan import Plan
+
+__all__ = [
+    "FORWARD",
+    "INPUT_GRAD",
+    "WEIGHT_GRAD",
+    "NMLinearFunction",
+    "dw_dense",
+    "dw_dense_masked",
+    "dw_full",
+    "dw_sampled",
+    "dw_sampled_tiles",
+    "dx_csr",
+    "dx_dense",
+    "dx_embag",
+    "dx_embag_tiles",
+    "fwd_csr",
+    "fwd_dense",
+    "fwd_embag",
+    "fwd_embag_tiles",
+    "nm_linear",
+    "scatter_values",
+]
+
+
+def _dense_weight(packed: Packed) -> Tensor:
+    """``W * B`` dense: in the packing's reusable scratch buffer when autograd cannot save it, else fresh."""
+    return unpack(packed) if torch.is_grad_enabled() else packed.dense_scratch()  # (out, in)
+
+
+def fwd_dense(x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``y = x @ (W*B)^T`` with a dense GEMM on the unpacked weight. ``tile`` is ignored."""
+    return F.linear(x, _dense_weight(packed))  # (T, out)
+
+
+def _embag_tiles(tables: Tensor, idx: Tensor, offsets: Tensor | None, weights: Tensor, bags: int) -> Tensor:
+    """Weighted sums of gathered rows, tile by tile: ``(n_tiles, rows, tile)`` -> ``(n_tiles, bags, tile)``.
+
+    ``idx``/``weights`` are either ``(bags, L)`` fixed-length bags (``offsets`` None) or flat, cut into bags
+    by the ``bags + 1`` ``offsets``.
+    """
+    out = tables.new_empty(tables.shape[0], bags, tables.shape[2])  # (n_tiles, bags, tile)
+    for c in range(tables.shape[0]):  # a few tiles, each a whole embedding_bag call
+        out[c] = F.embedding_bag(
+            idx,
+            tables[c],
+            offsets,
+            per_sample_weights=weights,
+            mode="sum",
+            include_last_offset=offsets is not None,
+        )
+    return out
+
+
+def fwd_embag_tiles(x_tiles: Tensor, packed: Packed) -> Tensor:
+    """:func:`fwd_embag` on tiles: ``(n_tiles, in, tile)`` -> ``(n_tiles, out, tile)``."""
+    return _embag_tiles(x_tiles, packed.cols2d, None, packed.values2d, packed.shape[0])
+
+
+def fwd_embag(x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``y[t, o] = sum_k values[o, k] * x[t, cols[o, k]]`` as ``embedding_bag`` over the rows of ``x^T``.
+
+    Each output row is a bag of ``K`` rows of the ``(in, T)`` table ``x^T``, weighted by the values; tokens go
+    in tiles of ``tile`` (0 = :func:`layer_tile`) so that each table stays in cache.
+    """
+    tile = tile or layer_tile(packed.shape, x.shape[0], x)
+    return from_tiles(fwd_embag_tiles(to_tiles(x, tile), packed), x.shape[0])  # (T, out)
+
+
+def fwd_csr(x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``y = (W_csr @ x^T)^T`` with ``torch.sparse.mm`` on the CSR weight. ``tile`` is ignored."""
+    return torch.sparse.mm(packed.csr(), x.t()).t().contiguous()  # (out, T) -> (T, out)
+
+
+def dx_dense(dy: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dX = dY @ (W*B)`` with a dense GEMM on the unpacked weight. ``tile`` is ignored."""
+    return dy @ _dense_weight(packed)  # (T, in)
+
+
+def dx_embag_tiles(dy_tiles: Tensor, packed: Packed) -> Tensor:
+    """:func:`dx_embag` on tiles: ``(n_tiles, out, tile)`` -> ``(n_tiles, in, tile)``."""
+    perm, rows, crow = packed.transposed()
+    # index_select, not [perm]: advanced indexing is ~4x slower for a 1M-entry random permutation on CPU.
+    weights = packed.values.reshape(-1).index_select(0, perm)  # (nnz_real,) in W^T's CSR order
+    return _embag_tiles(dy_tiles, rows, crow, weights, packed.shape[1])
+
+
+def dx_embag(dy: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dX[t, i] = sum_{(o, i) kept} W[o, i] * dY[t, o]`` as ``embedding_bag`` over the rows of ``dY^T``.
+
+    Input column ``i`` is a bag (of variable length) of the rows ``o`` that keep it, weighted by ``W[o, i]``:
+    the transposed structure from :meth:`Packed.transposed`. Tokens are tiled as in :func:`fwd_embag`.
+    """
+    tile = tile or layer_tile(packed.shape, dy.shape[0], dy)
+    return from_tiles(dx_embag_tiles(to_tiles(dy, tile), packed), dy.shape[0])  # (T, in)
+
+
+def dx_csr(dy: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dX = (W^T_csr @ dY^T)^T`` with ``torch.sparse.mm`` on the CSR of ``W^T``. ``tile`` is ignored."""
+    return torch.sparse.mm(packed.csr_t(), dy.t()).t().contiguous()  # (in, T) -> (T, in)
+
+
+def _masked(grad_values: Tensor, packed: Packed) -> Tensor:
+    """Zero the gradient at padding slots (they are not weights of this mask)."""
+    return grad_values if packed.slot_mask is None else grad_values * packed.slot_mask
+
+
+def dw_dense(dy: Tensor, x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dW`` at kept slots as the dense ``dY^T @ x`` gathered at ``cols``: ``(out, in//m, n)``."""
+    full = dy.t() @ x  # (out, in)
+    return _masked(torch.gather(full, 1, packed.cols2d).view_as(packed.indices), packed)
+
+
+def dw_dense_masked(dy: Tensor, x: Tensor, packed: Packed) -> Tensor:
+    """``(dY^T @ x) * B`` as a dense ``(out, in)`` tensor, masked in place (no second dense allocation)."""
+    full = dy.t() @ x  # (out, in)
+    kept = _masked(torch.gather(full, 1, packed.cols2d).view_as(packed.indices), packed)
+    return full.zero_().scatter_(1, packed.cols2d, kept.view(packed.shape[0], -1))
+
+
+def dw_sampled_tiles(dy_tiles: Tensor, x_tiles: Tensor, packed: Packed) -> Tensor:
+    """:func:`dw_sampled` on tiles ``(n_tiles, out, tile)`` and ``(n_tiles, in, tile)``: sums tile products.
+
+    ``out=`` the accumulator itself, so sampled_addmm neither copies the CSR input nor allocates, and both
+    operands are already in the row-contiguous layout its CPU kernel wants (no transposing copies).
+    """
+    vals = x_tiles.new_zeros(packed.cols.numel())  # (nnz,)
+    acc = csr_tensor(packed.row_ptr(), packed.cols, vals, packed.shape)
+    for c in range(x_tiles.shape[0]):
+        torch.sparse.sampled_addmm(acc, dy_tiles[c], x_tiles[c].t(), beta=1.0, out=acc)
+    return _masked(acc.values().view_as(packed.indices), packed)
+
+
+def dw_sampled(dy: Tensor, x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dW[o, k] = <dY[:, o], x[:, cols[o, k]]>`` only at kept slots, with ``torch.sparse.sampled_addmm``.
+
+    The sampled dense-dense product: one length-``T`` dot product per slot, ``nnz * T`` work, over token
+    tiles (0 = :func:`layer_tile`).
+    """
+    tile = tile or layer_tile(packed.shape, x.shape[0], x)
+    return dw_sampled_tiles(to_tiles(dy, tile), to_tiles(x, tile), packed)
+
+
+def dw_full(dy: Tensor, x: Tensor) -> Tensor:
+    """The full dense weight gradient ``dY^T @ x``: ``(out, in)`` (mask-update / straight-through steps)."""
+    return dy.t() @ x
+
+
+def scatter_values(grad_values: Tensor, packed: Packed) -> Tensor:
+    """Slot gradients ``(out, in//m, n)`` scattered into a dense ``(out, in)`` tensor, zeros elsewhere."""
+    return unpack(packed.with_values(grad_values))
+
+
+ProductFn = Callable[[Tensor, Packed, int], Tensor]
+FORWARD: dict[str, ProductFn] = {"dense": fwd_dense, "embag": fwd_embag, "csr": fwd_csr}
+INPUT_GRAD: dict[str, ProductFn] = {"dense": dx_dense, "embag": dx_embag, "csr": dx_csr}
+WEIGHT_GRAD: dict[str, Callable[[Tensor, Tensor, Packed, int], Tensor]] = {
+    "dense": dw_dense,
+    "sampled": dw_sampled,
+}
+# The same products on token tiles (see bame.kernels.tiles): NMLinearFunction shares the tiles among them.
+FORWARD_TILES: dict[str, Callable[[Tensor, Packed], Tensor]] = {"embag": fwd_embag_tiles}
+INPUT_GRAD_TILES: dict[str, Callable[[Tensor, Packed], Tensor]] = {"embag": dx_embag_tiles}
+WEIGHT_GRAD_TILES: dict[str, Callable[[Tensor, Tensor, Packed], Tensor]] = {"sampled": dw_sampled_tiles}
+
+
+class NMLinearFunction(torch.autograd.Function):
+    """``y = x @ (W*B)^T + b`` keeping all three products sparse, as a plan picks.
+
+    The values are gathered from ``weight`` at the packed slots on every call (O(nnz)), so the result is
+    always exact for the current weight, even at a pruned entry that holds a non-zero (straight-through
+    methods); only the *structure* of the packed arguments is used. ``x`` and ``dY`` are transposed into
+    token tiles at most once each, shared by every tiled formulation of the plan.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        packed_fwd: Packed,
+        packed_bwd: Packed | None,
+        bias: Tensor | None,
+        plan: Plan | None,
+        dense_wgrad: bool,
+    ) -> Tensor:
+        """Compute ``y (..., out)`` from ``x (..., in)``; see the class docstring."""
+        fwd, _, dw_name, tile = _names(plan)
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        tile = tile or layer_tile(packed_fwd.shape, x2.shape[0], x2)
+        tiled_dw = ctx.needs_input_grad[1] and not dense_wgrad and dw_name in WEIGHT_GRAD_TILES
+        vals_fwd = packed_fwd.gather_values(weight).to(x.dtype)  # (out, in//m, n)
+        vals_bwd = None if packed_bwd is None else packed_bwd.gather_values(weight).to(x.dtype)
+        x_tiles = to_tiles(x2, tile) if fwd in FORWARD_TILES or tiled_dw else None  # (n_tiles, in, tile)
+        pf = packed_fwd.with_values(vals_fwd)
+        if fwd in FORWARD_TILES:
+            y2 = from_tiles(FORWARD_TILES[fwd](x_tiles, pf), x2.shape[0])  # (T, out)
+        else:
+            y2 = FORWARD[fwd](x2, pf, tile)  # (T, out)
+        if bias is not None:
+            y2 = y2 + bias
+        # Keep only the layout of x that the weight gradient will read (none if the weight is frozen).
+        saved_x = (x_tiles if tiled_dw else x2) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(saved_x, vals_fwd, vals_bwd)
+        ctx.packed, ctx.plan_names = (packed_fwd, packed_bwd), (fwd, *_names(plan)[1:3], tile)
+        ctx.dense_wgrad, ctx.x_shape, ctx.w_dtype = dense_wgrad, x.shape, weight.dtype
+        return y2.view(*x.shape[:-1], packed_fwd.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        """``dX`` with the backward packing (else the forward one), ``dW`` (kept slots or dense), ``db``."""
+        saved_x, vals_fwd, vals_bwd = ctx.saved_tensors
+        packed_fwd, packed_bwd = ctx.packed
+        _, dx_name, dw_name, tile = ctx.plan_names
+        dy2 = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        tiled_dw = need_dw and not ctx.dense_wgrad and dw_name in WEIGHT_GRAD_TILES
+        tiled_dx = need_dx and dx_name in INPUT_GRAD_TILES
+        dy_tiles = to_tiles(dy2, tile) if tiled_dx or tiled_dw else None  # (n_tiles, out, tile)
+        dx = dw = db = None
+        if need_dx:
+            p_dx = (
+                packed_fwd.with_values(vals_fwd) if packed_bwd is None else packed_bwd.with_values(vals_bwd)
+            )
+            if tiled_dx:
+                dx = from_tiles(INPUT_GRAD_TILES[dx_name](dy_tiles, p_dx), dy2.shape[0])  # (T, in)
+            else:
+                dx = INPUT_GRAD[dx_name](dy2, p_dx, tile)  # (T, in)
+            dx = dx.view(ctx.x_shape)
+        if need_dw:
+            pf = packed_fwd.with_values(vals_fwd)
+            if ctx.dense_wgrad:
+                dw = dw_full(dy2, saved_x)  # (out, in)
+            elif dw_name == "dense":
+                dw = dw_dense_masked(dy2, saved_x, pf)  # (out, in)
+            elif tiled_dw:
+                dw = scatter_values(WEIGHT_GRAD_TILES[dw_name](dy_tiles, saved_x, pf), pf)  # (out, in)
+            else:
+                dw = scatter_values(WEIGHT_GRAD[dw_name](dy2, saved_x, pf, tile), pf)  # (out, in)
+            dw = dw.to(ctx.w_dtype)
+        if ctx.needs_input_grad[4]:
+            db = dy2.sum(0)  # (out,)
+        return dx, dw, None, None, db, None, None
+
+
+def _names(plan: Plan | None) -> tuple[str, str, str, int]:
+    """``(fwd, dx, dw, tile)`` formulation names of a plan; all dense when there is none."""
+    if plan is None:
+        return "dense", "dense", "dense", 0
+    return plan.fwd, plan.dx, plan.dw, plan.tile
+
+
+def nm_linear(
+    x: Tensor,
+    weight: Tensor,
+    packed_fwd: Packed,
+    packed_bwd: Packed | None = None,
+    bias: Tensor | None = None,
+    plan: Plan | None = None,
+    dense_wgrad: bool = False,
+) -> Tensor:
+    """Functional form of :class:`NMLinearFunction`: ``x @ (W*B)^T + b`` with sparse products."""
+    return NMLinearFunction.apply(x, weight, packed_fwd, packed_bwd, bias, plan, dense_wgrad)
