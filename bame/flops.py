@@ -2,41 +2,60 @@
 
 Per weight layer (Linear / convolution) and per iteration, three products are counted separately:
 the forward product, the input gradient ``dX`` and the weight gradient ``dW``, each as *dense FLOPs of
-that product* x *the density the method declares for it on that iteration* (:meth:`Method.charge`).
-Two charging rules are kept side by side: rule "paper" (the convention of the paper's tables, the
-headline ``train_flops_ratio``) and rule "nm-hardware" (``train_flops_ratio_hw``: only what N:M
-hardware can accelerate).
+that product* x *the density the method declares for it on that iteration* (:meth:`Method.charge`)::
 
-Dense FLOPs of one product are ``2 x MACs`` for one sample, traced once with a forward pass. The input
-gradient of a layer whose input needs no gradient (the stem) is not computed by autograd, so it is
-not counted. Everything else is counted dense, by this rule:
+    flops(t) = B * sum_l [F_l c_fwd(t, l) + F_l need_dx_l c_dx(t, l) + F_l c_dw(t, l)] + B * other
 
-* matrix products outside weight layers (attention's ``QK^T`` and ``AV``), as counted by
-  :mod:`torch.utils.flop_counter`: forward once, backward twice;
-* normalization modules (BatchNorm, LayerNorm, GroupNorm): 4 FLOPs per output element forward, 8 backward;
-* activation and pooling modules: 1 FLOP per output element forward, 1 backward.
+with B the global batch and F_l = 2 x MACs of layer l's forward for one sample (dX and dW are products of
+the same size). Two charging rules are kept side by side: rule "paper" (the convention of the paper's
+tables, the headline ``train_flops_ratio``) and rule "nm-hardware" (``train_flops_ratio_hw``: a product
+costs N/M only where its sparse operand is N:M along that product's reduction axis).
 
-Ratios are against dense training of the same model for the run's *nominal* length (ASP, which trains
-twice as long, comes to about 1.5x at 2:4, as in the paper).
+Everything that is not a weight layer's product ("other") is counted dense, per sample, by tracing the
+model at batch 2 and at batch 1 and taking the difference, so that work done once per iteration on the
+weights (applying masks: ``W * B``) is not mistaken for per-sample work:
+
+* matrix products outside weight layers (attention's ``QK^T`` and ``AV``): forward once, backward twice;
+* normalisation (batch / layer / group norm, softmax): 4 FLOPs per output element forward, 8 backward;
+* every other pointwise op (activations, residual additions, scaling): 1 per output element, 1 backward;
+* pooling and mean reductions: 1 FLOP per *input* element forward, 1 backward;
+* data movement (views, copies, padding, concatenation) and the weight-layer biases: not counted.
+
+The input gradient of a layer whose input needs no gradient (the stem) is never computed by autograd,
+so it is not counted. Ratios are against dense training of the same model for the run's *nominal* length
+(ASP, which trains twice as long, comes to about 1.5x at 2:4, as in the paper).
+
+:func:`predict` runs the same ledger over a whole schedule without training (``bame flops``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from bame.errors import ConfigError
 from bame.methods.base import Charge
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-_CHEAP = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh,
-          nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+if TYPE_CHECKING:
+    from bame.config import TrainConfig
+    from bame.sparsifier import Sparsifier
+
 PRODUCTS = ("fwd", "dx", "dw")
 _DENSE = Charge.dense()
+_values = attrgetter("fwd", "dx", "dw", "fwd_hw", "dx_hw", "dw_hw")  # a Charge as a tuple: cheap to hash
+_NORM_OPS = ("batch_norm", "layer_norm", "group_norm", "softmax")
+_POOL_OPS = ("pool", "mean", "sum")
+_MOVES = {"clone", "copy", "copy_", "_to_copy", "lift_fresh_copy", "alias", "detach", "fill_", "zero_"}
+#: (forward, backward) FLOPs per element of each kind of "other" op (see the module docstring).
+OTHER_RULE = {"norm": (4.0, 8.0), "pointwise": (1.0, 1.0), "pool": (1.0, 1.0)}
+_MEMO_LIMIT = 4096  # distinct per-iteration charge vectors kept; a schedule has a few dozen
 
 
 @dataclass
@@ -56,12 +75,20 @@ class ModelCost:
     other_fwd: float
     other_bwd: float
 
+    def dense_products(self) -> dict[str, float]:
+        """Per-sample dense FLOPs of each product summed over the weight layers."""
+        fwd = sum(c.fwd for c in self.layers.values())
+        return {"fwd": fwd, "dx": sum(c.fwd for c in self.layers.values() if c.needs_dx), "dw": fwd}
+
     def dense_train(self) -> float:
         per = sum(c.fwd * (2 + c.needs_dx) for c in self.layers.values())
         return per + self.other_fwd + self.other_bwd
 
     def dense_forward(self) -> float:
         return sum(c.fwd for c in self.layers.values()) + self.other_fwd
+
+
+# -- measuring -------------------------------------------------------------------------------------------
 
 
 def _macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> float:
@@ -71,50 +98,107 @@ def _macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> float:
     return float(out.numel()) * kernel
 
 
+def _sdpa_flops(args: tuple) -> float:
+    """``2 L S E + 2 L S Ev`` per (batch, head) for scaled dot-product attention (QK^T, then AV)."""
+    q, k, v = args[:3]
+    rows = q.numel() // q.shape[-1]  # batch * heads * L
+    return 2.0 * rows * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+
+class _OtherCounter(TorchDispatchMode):
+    """Counts the elements of every op outside weight layers by the kinds of :data:`OTHER_RULE`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: dict[str, float] = defaultdict(float)
+        self.attention = 0.0  # attention matmuls the FlopCounterMode registry does not know (CPU SDPA)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._overloadpacket.__name__
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if "scaled_dot_product" in name:
+            if func._overloadpacket not in flop_registry:
+                self.attention += _sdpa_flops(args)
+            self.elements["norm"] += args[0].numel() // args[0].shape[-1] * args[1].shape[-2]  # softmax
+        elif any(key in name for key in _NORM_OPS):
+            self.elements["norm"] += first.numel()
+        elif any(key in name for key in _POOL_OPS):
+            self.elements["pool"] += args[0].numel()
+        elif torch.Tag.pointwise in func.tags and name not in _MOVES and isinstance(first, torch.Tensor):
+            self.elements["pointwise"] += first.numel()
+        return out
+
+
+def _trace(
+    model: nn.Module, input_shape: tuple[int, ...], batch: int
+) -> tuple[dict[str, LayerCost], float, float]:
+    """Trace one batch; returns (weight layers per sample, other forward, other backward) for the batch."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    layers: dict[str, LayerCost] = {}
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        name = f"{names[id(module)]}.weight"
+        flops = 2.0 * _macs(module, args[0], out) / batch
+        layers[name] = LayerCost(name, flops, bool(args[0].requires_grad))
+
+    weighted = (nn.Linear, nn.modules.conv._ConvNd)
+    handles = [mod.register_forward_hook(hook) for mod in model.modules() if isinstance(mod, weighted)]
+    device = next(model.parameters()).device
+    try:
+        with FlopCounterMode(display=False) as counter, _OtherCounter() as other:
+            model(torch.zeros((batch, *input_shape), device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    matmul = float(counter.get_total_flops()) + other.attention
+    attention = matmul - batch * sum(c.fwd for c in layers.values())
+    fwd = attention + sum(OTHER_RULE[k][0] * n for k, n in other.elements.items())
+    bwd = 2 * attention + sum(OTHER_RULE[k][1] * n for k, n in other.elements.items())
+    return layers, fwd, bwd
+
+
 def measure(model: nn.Module, input_shape: tuple[int, ...]) -> ModelCost:
-    """Trace one sample through ``model`` and return its dense per-sample FLOPs.
+    """Trace ``model`` and return its dense per-sample FLOPs.
 
     Args:
         model: the model (sparsified or not: the count is of dense products).
         input_shape: one sample's shape, e.g. ``(3, 32, 32)``.
     """
-    device = next(model.parameters()).device
-    names = {id(mod): name for name, mod in model.named_modules()}
-    layers: dict[str, LayerCost] = {}
-    elementwise = [0.0, 0.0]
-
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        name = names[id(module)]
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            flops = 2.0 * _macs(module, args[0], out)
-            layers[f"{name}.weight"] = LayerCost(f"{name}.weight", flops, bool(args[0].requires_grad))
-        elif isinstance(module, _NORMS):
-            elementwise[0] += 4.0 * out.numel()
-            elementwise[1] += 8.0 * out.numel()
-        elif isinstance(module, _CHEAP):
-            elementwise[0] += 1.0 * out.numel()
-            elementwise[1] += 1.0 * out.numel()
-
-    watched = (nn.Linear, nn.modules.conv._ConvNd, *_NORMS, *_CHEAP)
-    handles = [mod.register_forward_hook(hook) for mod in model.modules() if isinstance(mod, watched)]
     was_training = model.training
-    model.eval()  # no batch statistics update from the tracing sample
+    model.eval()  # no batch statistics update from the tracing samples
     try:
-        x = torch.zeros((1, *input_shape), device=device)
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-        total_matmul = float(counter.get_total_flops())
+        layers, fwd1, bwd1 = _trace(model, input_shape, 1)
+        _, fwd2, bwd2 = _trace(model, input_shape, 2)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
-    attention = max(0.0, total_matmul - sum(c.fwd for c in layers.values()))
-    return ModelCost(layers, attention + elementwise[0], 2 * attention + elementwise[1])
+    # batch 2 minus batch 1: per-sample work only (masking the weights happens once per iteration)
+    return ModelCost(layers, max(0.0, fwd2 - fwd1), max(0.0, bwd2 - bwd1))
+
+
+# -- the ledger ------------------------------------------------------------------------------------------
+
+
+class Increment(NamedTuple):
+    """One iteration's FLOPs: the totals under both rules and the per-product values."""
+
+    paper: float
+    hw: float
+    products: tuple[tuple[str, float], ...]
+
+
+def _bucket() -> defaultdict:
+    return defaultdict(float)
 
 
 @dataclass
 class Ledger:
-    """Accumulates a run's training FLOPs, per iteration, from the method's declared charges."""
+    """Accumulates a run's training FLOPs, per iteration, from the method's declared charges.
+
+    ``by_phase[phase]`` holds, for the iterations of that phase, the FLOPs of each product under rule
+    "paper" (``fwd``, ``dx``, ``dw``) and rule "nm-hardware" (``fwd_hw``, ``dx_hw``, ``dw_hw``), the
+    dense ``other`` FLOPs, and the number of ``steps``.
+    """
 
     cost: ModelCost
     batch_size: int  # global samples per iteration
@@ -122,31 +206,75 @@ class Ledger:
     train_flops: float = 0.0
     train_flops_hw: float = 0.0
     steps: int = 0
-    by_phase: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    by_phase: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(_bucket))
+    _memo: dict[tuple, Increment] = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, charges: dict[str, Any], phase: str = "train") -> None:
-        """Count one iteration, given ``{weight name: Charge}`` for that iteration."""
-        paper = hw = 0.0
+        """Count one iteration, given ``{weight name: Charge}`` for that iteration (missing: dense)."""
+        self.count(self.increment(charges), phase)
+
+    def increment(self, charges: dict[str, Any]) -> Increment:
+        """One iteration's FLOPs under these charges (memoised: the same charges recur for thousands
+        of iterations)."""
+        key = tuple(map(_values, (charges.get(name) or _DENSE for name in self.cost.layers)))
+        inc = self._memo.get(key)
+        if inc is None:
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            inc = self._memo[key] = self._compute(key)
+        return inc
+
+    def count(self, inc: Increment, phase: str) -> None:
+        """Add one iteration's :meth:`increment` to the totals and to its phase."""
         bucket = self.by_phase[phase]
-        for name, cost in self.cost.layers.items():
-            c = charges.get(name)
-            if c is None:  # a layer the sparsifier does not know: dense
-                c = _DENSE
-            dx = cost.fwd if cost.needs_dx else 0.0
-            parts = (cost.fwd * c.fwd, dx * c.dx, cost.fwd * c.dw)
-            paper += sum(parts)
-            hw += cost.fwd * c.fwd_hw + dx * c.dx_hw + cost.fwd * c.dw_hw
-            for product, value in zip(PRODUCTS, parts):
-                bucket[product] += value * self.batch_size
-        other = self.cost.other_fwd + self.cost.other_bwd
-        bucket["other"] += other * self.batch_size
+        for product, value in inc.products:
+            bucket[product] += value
         bucket["steps"] += 1
-        self.train_flops += (paper + other) * self.batch_size
-        self.train_flops_hw += (hw + other) * self.batch_size
+        self.train_flops += inc.paper
+        self.train_flops_hw += inc.hw
         self.steps += 1
+
+    def _compute(self, key: tuple[tuple[float, ...], ...]) -> Increment:
+        """``B * sum_l F_l * c(l)`` per product and rule, plus the dense ``other`` FLOPs."""
+        sums = dict.fromkeys(("fwd", "dx", "dw", "fwd_hw", "dx_hw", "dw_hw"), 0.0)
+        for cost, (fwd, dx, dw, fwd_hw, dx_hw, dw_hw) in zip(self.cost.layers.values(), key, strict=True):
+            dense_dx = cost.fwd if cost.needs_dx else 0.0
+            sums["fwd"] += cost.fwd * fwd
+            sums["dx"] += dense_dx * dx
+            sums["dw"] += cost.fwd * dw
+            sums["fwd_hw"] += cost.fwd * fwd_hw
+            sums["dx_hw"] += dense_dx * dx_hw
+            sums["dw_hw"] += cost.fwd * dw_hw
+        other = self.cost.other_fwd + self.cost.other_bwd
+        paper = (sums["fwd"] + sums["dx"] + sums["dw"] + other) * self.batch_size
+        hw = (sums["fwd_hw"] + sums["dx_hw"] + sums["dw_hw"] + other) * self.batch_size
+        sums["other"] = other
+        products = tuple((k, v * self.batch_size) for k, v in sums.items())
+        return Increment(paper, hw, products)
 
     def dense_train_flops(self) -> float:
         return self.cost.dense_train() * self.batch_size * self.nominal_steps
+
+    def by_product(self) -> dict[str, float]:
+        """Totals of each product (both rules) and of ``other`` over the whole run."""
+        out: dict[str, float] = defaultdict(float)
+        for bucket in self.by_phase.values():
+            for key, value in bucket.items():
+                if key != "steps":
+                    out[key] += value
+        return dict(out)
+
+    def product_ratios(self) -> dict[str, float]:
+        """Each product's total against the same product in dense training, e.g. ``dw`` 0.4 = 40 %."""
+        dense = self.cost.dense_products()
+        scale = self.batch_size * self.nominal_steps
+        totals = self.by_product()
+        out = {}
+        for product in PRODUCTS:
+            for suffix in ("", "_hw"):
+                base = dense[product] * scale
+                out[product + suffix] = totals.get(product + suffix, 0.0) / base if base else float("nan")
+        return out
 
     def summary(self) -> dict[str, Any]:
         dense = self.dense_train_flops()
@@ -157,6 +285,8 @@ class Ledger:
             "train_flops_ratio": self.train_flops / dense if dense else float("nan"),
             "train_flops_ratio_hw": self.train_flops_hw / dense if dense else float("nan"),
             "flops_by_phase": {k: dict(v) for k, v in self.by_phase.items()},
+            "flops_by_product": self.by_product(),
+            "product_ratio": self.product_ratios(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -176,3 +306,120 @@ def inference_flops_ratio(cost: ModelCost, densities: dict[str, float]) -> float
     """Inference FLOPs of the sparse model against the dense one, given each layer's forward density."""
     sparse = sum(c.fwd * densities.get(name, 1.0) for name, c in cost.layers.items()) + cost.other_fwd
     return sparse / cost.dense_forward()
+
+
+# -- predicting a run without training --------------------------------------------------------------------
+
+
+def _changing(sparsifier: Sparsifier, total: int) -> list[bool]:
+    """Per iteration t, whether its mask may differ from iteration t-1's while it is not yet final."""
+    method = sparsifier.method
+    out = [False] * total
+    for t in range(1, total):
+        out[t] = not method.mask_is_final(t - 1) and method.mask_may_change(t - 1)
+    return out
+
+
+@torch.no_grad()
+def measures_masks(sparsifier: Sparsifier, t: int = 0) -> bool:
+    """Whether the method's charges follow its masks (LBC's measured d(t)) rather than the schedule.
+
+    Probed on a throwaway sparsifier: clear every mask, let the method re-derive its state from the
+    masks as after a checkpoint load (``refresh``), compare the charges, then restore both.
+    """
+    if not sparsifier.layers:
+        return False
+    before = sparsifier.charges(t)
+    saved = [layer.mask.clone() for layer in sparsifier.layers]
+    for layer in sparsifier.layers:
+        layer.mask.zero_()
+    sparsifier.method.refresh(sparsifier)
+    after = sparsifier.charges(t)
+    for layer, mask in zip(sparsifier.layers, saved, strict=True):
+        layer.mask.copy_(mask)
+    sparsifier.method.refresh(sparsifier)
+    return after != before
+
+
+def replay(sparsifier: Sparsifier, ledger: Ledger, total: int) -> Ledger:
+    """Count iterations ``0 .. total-1`` exactly as a training run's step callback does.
+
+    ``ledger.add(sparsifier.charges(t), method.phase_of(t))`` for every t, with shortcuts that do not
+    change a single bit of the sums (``tests/test_flops.py`` checks this for every method):
+
+    * charges are re-read only where they can change: where the phase changes, or where the mask may
+      change while it is not yet final (:meth:`Method.mask_may_change`, :meth:`Method.mask_is_final`);
+      elsewhere the previous iteration's :meth:`Ledger.increment` is counted again;
+    * for a method whose charges follow its masks (:func:`measures_masks`: LBC charges the density it
+      measures), its ``prepare(t)`` runs on the (throwaway) model before each of those iterations, so
+      it is charged what it would measure; every other method charges by its schedule, and replaying
+      its mask choices would only cost time.
+
+    The sparsifier must be freshly attached (its method's ``prepare(0)`` has run).
+    """
+    method = sparsifier.method
+    changing = _changing(sparsifier, total)
+    prepare = measures_masks(sparsifier)
+    inc, phase = None, None
+    for t in range(total):
+        if prepare and changing[t]:
+            method.prepare(t, sparsifier)
+        current = method.phase_of(t)
+        if inc is None or changing[t] or current != phase:
+            inc = ledger.increment(sparsifier.charges(t))
+        phase = current
+        ledger.count(inc, phase)
+    return ledger
+
+
+def steps_per_epoch(dataset: str, batch_size: int) -> int:
+    """Iterations per epoch without loading data: ``floor(train_size / batch)`` (drop the last batch)."""
+    from bame import data
+
+    spec = data.get_spec(dataset)
+    if spec.train_size is None:
+        raise ConfigError(f"the size of {dataset}'s training set depends on its files: "
+                          "give --steps-per-epoch")
+    if batch_size > spec.train_size:
+        raise ConfigError(f"batch size {batch_size} is larger than the {dataset} training set "
+                          f"({spec.train_size})")
+    return spec.train_size // batch_size
+
+
+def predict(cfg: TrainConfig, steps_per_epoch_override: int | None = None) -> dict[str, Any]:
+    """The FLOPs summary a training run of ``cfg`` will write, computed without data or training.
+
+    Builds the model and the sparsifier as :func:`bame.engine.build` does (with a throwaway SGD) and
+    :func:`replay` s every iteration of the schedule through the same :class:`Ledger`.
+
+    Returns:
+        :meth:`Ledger.summary` plus ``test_flops_ratio`` (from the forward densities charged on the last
+        iteration), ``steps``, ``nominal_steps``, ``steps_per_epoch`` and the method and model names.
+    """
+    from bame import data, engine, models
+    from bame.sparsifier import sparsify
+
+    spec = data.get_spec(cfg.dataset)
+    spe = steps_per_epoch_override or steps_per_epoch(cfg.dataset, cfg.batch_size)
+    torch.manual_seed(cfg.seed)
+    model_name = cfg.model or spec.default_model
+    model = models.create(model_name, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                          image_size=spec.image_size, width=cfg.width)
+    total, nominal = engine._schedule_lengths(cfg, spe)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)  # only to attach to; never steps
+    sparsifier = sparsify(model, optimizer, cfg.method, cfg.nm, total_steps=total, group_axis=cfg.group_axis,
+                          seed=cfg.seed, steps_per_epoch=spe, verbose=False, **cfg.method_options)
+    cost = measure(model, (spec.in_channels, spec.image_size, spec.image_size))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a replayed prepare works on one layer's small tensors at a time
+    try:
+        ledger = replay(sparsifier, Ledger(cost, batch_size=cfg.batch_size, nominal_steps=nominal), total)
+    finally:
+        torch.set_num_threads(threads)
+    last = sparsifier.charges(total - 1)
+    densities = {layer.name: last[layer.name].fwd for layer in sparsifier.layers}
+    return {"dataset": cfg.dataset, "model": model_name, "method": cfg.method, "nm": cfg.nm,
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "steps_per_epoch": spe, "steps": total,
+            "nominal_steps": nominal, **ledger.summary(),
+            "test_flops_ratio": inference_flops_ratio(cost, densities),
+            "sparse_layers": len(sparsifier.layers), "dense_layers": len(sparsifier.dense_layers)}

@@ -195,7 +195,9 @@ class BlockEvolution(Method):
         return t >= self.t_i
 
     def mask_may_change(self, t: int) -> bool:
-        return t + 1 <= self.t_i or is_update_step(t, self.t_i, self.t_f, self.options.delta_t)
+        following = t + 1  # prepare(t + 1) re-chooses gradual masks and makes the transition at t_i
+        rechoice = following < self.t_i and following % self.options.delta_t == 0
+        return rechoice or following == self.t_i or is_update_step(t, self.t_i, self.t_f, self.options.delta_t)
 
 
 @register
