@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -56,17 +57,29 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
+    # torch.save always writes a zip archive; anything else would reach torch's legacy pickle reader.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: not a zip archive as torch.save writes")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsafe content"
-        raise CheckpointError(f"checkpoint {path} refused: it holds more than tensors and plain values ({first})")
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(_unpickling_message(path, str(err))) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
+        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {reason}") from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"checkpoint {path} is not a bame checkpoint")
     return state
+
+
+def _unpickling_message(path: Path, text: str) -> str:
+    """One line from torch's many-line weights_only refusal: code it would run, or plain corruption."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", text, re.S)
+    reason = " ".join(match.group(1).split()) if match else "unreadable pickle"
+    if "global" in reason.lower():
+        return (f"checkpoint {path} refused: loading it would import and call code ({reason}); a bame "
+                "checkpoint holds only tensors and plain values")
+    return f"checkpoint {path} is corrupt or truncated: {reason}"
 
 
 def plain_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -70,6 +70,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ConfigError(f"recipe {path}: unknown option(s) {', '.join(unknown)}")
+    if isinstance(data.get("nm"), int):  # YAML 1.1 reads an unquoted 2:4 as the base-60 number 124
+        raise ConfigError(f"recipe {path}: nm {data['nm']!r} is a number: quote the pattern, e.g. nm: \"2:4\"")
     return data
 
 
@@ -82,6 +84,8 @@ def build(*layers: dict[str, Any]) -> TrainConfig:
             if key not in FIELDS:
                 raise ConfigError(f"unknown option {key!r}")
             if key == "method_options":
+                if not isinstance(value or {}, dict):
+                    raise ConfigError(f"method_options must be a mapping of option: value, not {value!r}")
                 options.update(value or {})
             else:
                 merged[key] = value
@@ -92,6 +96,12 @@ def build(*layers: dict[str, Any]) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Cheap checks of values (registries check names when they are used)."""
+    from bame.nm import GROUP_AXES, parse_nm  # imports torch: not at import time
+
+    _check_types(cfg)
+    parse_nm(cfg.nm)  # before any data is loaded, and in ``train --nproc``'s launcher
+    if cfg.group_axis not in GROUP_AXES:
+        raise ConfigError(f"unknown group_axis {cfg.group_axis!r}: choose one of {', '.join(GROUP_AXES)}")
     positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size}
     for name, value in positive.items():
         if not isinstance(value, int) or value <= 0:
@@ -106,6 +116,21 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"kernel must be 'dense' or 'sparse', not {cfg.kernel!r}")
     if not cfg.lr > 0:
         raise ConfigError(f"lr must be positive, not {cfg.lr!r}")
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
+                                       "dict[str, Any]": (dict,)}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each value has its field's type (a recipe's ``lr: fast`` would fail deep inside torch)."""
+    for f in dataclasses.fields(cfg):
+        value, kinds = getattr(cfg, f.name), [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        allowed = tuple(t for k in kinds if k != "None" for t in _TYPES.get(k, (object,)))
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ConfigError(f"{f.name} must be {' or '.join(kinds)}, not {value!r}")
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from bame.errors import ConfigError
+from bame.errors import BameError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,38 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: float, info: DistInfo) -> float:
+    """The largest of one float over all ranks."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def all_agree(flag: bool, info: DistInfo) -> bool:
     """True only if ``flag`` is True on every rank."""
     if not info.enabled:
         return flag
     return all_reduce_sum([0.0 if flag else 1.0], info)[0] == 0.0
+
+
+def raise_together(error: BameError | None, info: DistInfo) -> None:
+    """Raise, on every rank, the first error any rank met (in rank order), or return if none did.
+
+    For checks only some ranks make (rank 0's output directory): the others would otherwise go on to the
+    next collective and wait for a peer that has already exited.
+    """
+    if not info.enabled:
+        if error is not None:
+            raise error
+        return
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, None if error is None else (type(error), str(error)))
+    for item in gathered:
+        if item is not None:
+            cls, message = item
+            raise cls(message)
 
 
 def gather_checksums(values: list[float], info: DistInfo) -> list[list[float]]:

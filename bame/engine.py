@@ -102,12 +102,8 @@ def build(cfg: config.TrainConfig, out: Path, info: distributed.DistInfo) -> Run
     total, nominal = _schedule_lengths(cfg, len(train_loader))
     optimizer = _make_optimizer(cfg, model)
     sparsifier = sparsify(model, optimizer, cfg.method, cfg.nm, total_steps=total, group_axis=cfg.group_axis,
-                          seed=cfg.seed, steps_per_epoch=len(train_loader), verbose=info.is_main,
+                          seed=cfg.seed, steps_per_epoch=len(train_loader), verbose=info.is_main, kernel=cfg.kernel,
                           **cfg.method_options)
-    if cfg.kernel == "sparse":
-        from bame.kernels import enable_sparse_kernels
-
-        enable_sparse_kernels(sparsifier, batch_tokens=cfg.batch_size // info.world_size)
     cost = flops.measure(model, (spec.in_channels, spec.image_size, spec.image_size))
     ledger = flops.Ledger(cost, batch_size=cfg.batch_size, nominal_steps=nominal)
     net = model
@@ -136,19 +132,38 @@ def save_checkpoint(run: Run) -> None:
         checkpoint.save(_checkpoint_state(run), run.out / checkpoint.CHECKPOINT)
 
 
+_STATE_KEYS = ("config", "model", "optimizer", "sparsifier", "ledger", "epoch", "batch", "best_top1", "wall_s",
+               "partial", "rng")
+
+
 def restore(run: Run, state: dict[str, Any]) -> None:
     """Load a checkpoint into a freshly built run; refuses another config or model."""
-    diffs = config.differences(state.get("config", {}), run.cfg.to_dict())
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise CheckpointError(f"checkpoint is incomplete: no {', '.join(missing) or 'config'}")
+    diffs = config.differences(state["config"], run.cfg.to_dict())
     if diffs:
         raise CheckpointError("--resume with a different config: " + "; ".join(diffs))
     try:
+        _load_states(run, state)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        # The checkpoint's own structure is wrong (it loaded, so it is not truncated): say so in one line.
+        raise CheckpointError(f"checkpoint is malformed: {type(err).__name__}: {err}") from None
+
+
+def _load_states(run: Run, state: dict[str, Any]) -> None:
+    try:
         run.model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint does not fit the model: {str(err).splitlines()[0]}") from None
+        details = " ".join(str(err).split())  # torch's first line only names the class; the keys follow
+        raise CheckpointError(f"checkpoint does not fit the model: {details[:300]}"
+                              f"{'...' if len(details) > 300 else ''}") from None
     run.sparsifier.load_state_dict(state["sparsifier"])
     if run.sparsifier.step in run.segments[1:-1] or any(s < run.sparsifier.step for s in run.segments[1:-1]):
         _restart_optimizer(run)  # a restart happened before this checkpoint: the saved state is the new one's
     run.optimizer.load_state_dict(state["optimizer"])
+    # load_state_dict replaced the param-group dicts: the sparsifier must read eta (Eq. 5) from the new ones
+    run.sparsifier.bind(run.optimizer)
     run.ledger.load_state_dict(state["ledger"])
     run.epoch, run.batch = int(state["epoch"]), int(state["batch"])
     run.best_top1, run.wall_s = float(state["best_top1"]), float(state["wall_s"])
@@ -193,7 +208,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, scaler: Any) -> tuple
         logits = run.net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=run.cfg.label_smoothing)
     if not distributed.all_agree(bool(torch.isfinite(loss)), run.info):
-        raise TrainingError(f"loss is not finite at step {t} (epoch {run.epoch}): stopping; "
+        raise TrainingError(f"loss is not finite at step {t} (epoch {run.epoch + 1}): stopping; "
                             f"the last good checkpoint in {run.out} is kept")
     run.optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -240,7 +255,12 @@ def _truncate_log(path: Path, key: str, limit: int) -> None:
     """Drop lines written after the checkpoint being resumed (their ``key`` >= limit)."""
     if not path.exists():
         return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash; it is after the checkpoint anyway
+            continue
     _write_lines(path, [r for r in rows if r[key] < limit], mode="w")
 
 
@@ -264,9 +284,27 @@ def train_epoch(run: Run, scaler: Any) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{run.partial[0] / run.partial[2]:.3f}", top1=f"{100 * run.partial[1] / run.partial[2]:.1f}",
                         img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
-        if run.sparsifier.step >= run.total_steps or run.stop_signal is not None:
+        if run.sparsifier.step >= run.total_steps or _stop_requested(run):
             break
     bar.close()
+
+
+def _stop_requested(run: Run) -> bool:
+    """Whether a rank got SIGINT/SIGTERM; all ranks call this at the same points and agree, so that
+    none of them goes on to a collective the others have left."""
+    if run.info.enabled:
+        agreed = int(distributed.all_reduce_max(float(run.stop_signal or 0), run.info))
+        run.stop_signal = agreed or None
+    return run.stop_signal is not None
+
+
+def _check_weights_finite(run: Run) -> None:
+    """Refuse to checkpoint NaN/inf weights: a bad last step of an epoch is otherwise only seen by the
+    next step's loss check, after it has replaced the last good checkpoint."""
+    for name, param in run.model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise TrainingError(f"weights are not finite after step {run.sparsifier.step - 1} ({name}): "
+                                f"stopping; the last good checkpoint in {run.out} is kept")
 
 
 def check_masks_agree(run: Run) -> None:
@@ -332,14 +370,25 @@ def _print_epoch(run: Run, row: dict[str, Any], epochs: int) -> None:
           f"flops {run.ledger.train_flops / dense:.2f}x  {row['wall_s']:.1f}s", flush=True)
 
 
-def prepare_out(out: Path, resume: bool, force: bool) -> None:
-    """Refuse an output directory that holds another run, unless resuming or forced."""
+def check_out(out: Path, resume: bool, force: bool) -> None:
+    """Refuse an output directory that holds another run, unless resuming or forced (changes nothing)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not resume and not force:
         raise ConfigError(f"{out} already holds a run ({', '.join(existing)}): use --resume to continue it "
                           "or --force to overwrite it")
     if resume and not (out / checkpoint.CHECKPOINT).exists():
         raise CheckpointError(f"--resume: no checkpoint in {out}")
+
+
+def prepare_out(out: Path, resume: bool, force: bool) -> None:
+    """:func:`check_out`, then clear a forced directory and drop temp files a killed run left behind."""
+    check_out(out, resume, force)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    for name in RUN_FILES:  # atomic_write's temp files; a SIGKILL skips their cleanup
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     if force and not resume:
         for name in existing:
             (out / name).unlink()
@@ -353,15 +402,23 @@ def fit(cfg: config.TrainConfig, out: str | Path, resume: bool = False, force: b
     out = Path(out)
     info = distributed.init(cfg.device)
     try:
+        refusal = None
         if info.is_main:
-            prepare_out(out, resume, force)
+            try:
+                check_out(out, resume, force)
+            except BameError as err:
+                refusal = err
+        distributed.raise_together(refusal, info)
         run = build(cfg, out, info)
         if resume:
             restore(run, checkpoint.load(out / checkpoint.CHECKPOINT, map_location=info.device))
-            _truncate_log(out / "metrics.jsonl", "epoch", run.epoch + 1)
-            _truncate_log(out / "updates.jsonl", "step", run.sparsifier.step)
-        elif info.is_main:
-            (out / "config.yaml").write_text(config.dump(cfg))
+        if info.is_main:  # only now, with every input checked, is anything in ``out`` changed
+            prepare_out(out, resume, force)
+            if resume:
+                _truncate_log(out / "metrics.jsonl", "epoch", run.epoch + 1)
+                _truncate_log(out / "updates.jsonl", "step", run.sparsifier.step)
+            else:
+                (out / "config.yaml").write_text(config.dump(cfg))
         return _loop(run)
     finally:
         distributed.shutdown(info)
@@ -374,11 +431,13 @@ def _loop(run: Run) -> dict[str, Any]:
     previous = {sig: signal.signal(sig, lambda s, f: setattr(run, "stop_signal", s))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     writer = _tensorboard(run)
+    row: dict[str, Any] = {}
     try:
         while run.sparsifier.step < run.total_steps:
             started = time.perf_counter()
             train_epoch(run, scaler)
-            if run.stop_signal is not None:
+            _check_weights_finite(run)
+            if _stop_requested(run):
                 run.wall_s += time.perf_counter() - started
                 save_checkpoint(run)
                 raise Interrupted(f"stopped by signal {run.stop_signal} at step {run.sparsifier.step}; "
@@ -389,12 +448,18 @@ def _loop(run: Run) -> dict[str, Any]:
                 _log_tensorboard(writer, row)
                 _print_epoch(run, row, epochs)
             save_checkpoint(run)
-        return finish(run, row if run.epoch else {})
+        return finish(run, row or _last_row(run.out / "metrics.jsonl"))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if writer is not None:
             writer.close()
+
+
+def _last_row(path: Path) -> dict[str, Any]:
+    """The last epoch's metrics (resuming a run that had already finished trains no epoch)."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
 
 
 def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:

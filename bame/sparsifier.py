@@ -191,10 +191,11 @@ class Sparsifier:
         for handle in self._hooks:
             handle.remove()
         self.optimizer = optimizer
-        self._group_of: dict[int, dict[str, Any]] = {}
-        for group in optimizer.param_groups:
+        # Group *indices*: optimizer.load_state_dict replaces the group dicts, so look them up when needed.
+        self._group_of: dict[int, int] = {}
+        for index, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
-                self._group_of[id(p)] = group
+                self._group_of[id(p)] = index
         for layer in self.layers:
             if id(layer.weight) not in self._group_of:
                 raise ConfigError(f"the optimizer does not update {layer.name}: pass the model's parameters to it")
@@ -218,11 +219,11 @@ class Sparsifier:
     # -- services for methods ------------------------------------------------------------------------------
     def group_of(self, param: torch.Tensor) -> dict[str, Any]:
         """The optimizer's param group that holds ``param`` (its lr, weight_decay, momentum ...)."""
-        return self._group_of[id(param)]
+        return self.optimizer.param_groups[self._group_of[id(param)]]
 
     def lr_of(self, param: torch.Tensor) -> float:
         """The learning rate of the parameter's group at this step (eta of Eq. 5)."""
-        lr = self._group_of[id(param)]["lr"]
+        lr = self.group_of(param)["lr"]
         return float(lr.item() if torch.is_tensor(lr) else lr)
 
     @torch.no_grad()

@@ -321,3 +321,11 @@ def test_lma_update_uses_regrown_weight_step():
     opt.step()
     assert sp.masks()["0.weight"].tolist() == [[True, False, False, False]]
     assert torch.allclose(lin.parametrizations.weight.original, torch.tensor([[-0.1 * g[0, 0], 0, 0, 0]]))
+
+
+def test_lr_of_survives_optimizer_load_state_dict():
+    model, opt, sp = setup()
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = 0.0123
+    opt.load_state_dict(state)  # replaces the param-group dicts
+    assert sp.lr_of(sp.layers[0].weight) == pytest.approx(0.0123)

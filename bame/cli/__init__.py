@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 import bame
@@ -34,13 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="bame: %(message)s", stream=sys.stderr)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for ``train --nproc`` to re-run the command
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
     try:
         return int(args.run(args) or 0)
     except BameError as err:
-        print(f"bame: error: {err}", file=sys.stderr)
+        # Under DDP every rank reaches the same verdict (the engine makes sure): rank 0 says it once.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"bame: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("bame: interrupted", file=sys.stderr)

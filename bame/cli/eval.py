@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     if not path.exists():
         raise CheckpointError(f"{args.path}: no run directory or checkpoint there")
     state = checkpoint.load(path)
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"checkpoint {path} holds no run config")
     saved = dict(state["config"])
     if args.data_dir:
         saved["data_dir"] = args.data_dir

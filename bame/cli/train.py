@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bame.cli.options import add_config_flags, add_method_flags, resolve
@@ -28,18 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run directory (default: runs/DATASET-MODEL-METHOD-N_M-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite a run already in --out")
-    p.add_argument("--nproc", type=int, default=1, help="launch K processes with torchrun (DDP)")
+    p.add_argument("--nproc", type=int, default=1, help="launch K local processes (DDP, torchrun's environment)")
     add_config_flags(p)
     add_method_flags(p)
     p.set_defaults(run=run)
 
 
-def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    """``--nproc K``: re-run this command under torchrun with K processes."""
-    if args.nproc < 1:
-        raise ConfigError("--nproc must be at least 1")
+def _without_nproc(argv: list[str]) -> list[str]:
     rest, skip = [], False
-    for i, token in enumerate(argv):
+    for token in argv:
         if skip:
             skip = False
             continue
@@ -49,18 +49,78 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         if token.startswith("--nproc="):
             continue
         rest.append(token)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "bame", *rest]
-    return subprocess.call(cmd)
+    return rest
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """``--nproc K``: run this command in K local processes with torchrun's environment variables.
+
+    Not through torchrun itself: when a worker fails, torchrun's agent buries the worker's one-line
+    message under its own traceback and always exits 1. SIGINT/SIGTERM are passed on to every worker
+    (they stop after the same step and save the checkpoint); once one worker fails the others are stopped.
+    """
+    port = _free_port()
+    procs: list[subprocess.Popen] = []
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "bame", *_without_nproc(argv)], env=env))
+
+    def forward(sig: int, frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _wait(procs)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _wait(procs: list[subprocess.Popen], grace_s: float = 30.0) -> int:
+    """The first non-zero exit code of the workers (death by signal S as 128+S), 0 if all succeeded.
+
+    Once one fails the others get SIGTERM, and SIGKILL after ``grace_s`` (a worker blocked in a collective
+    with a dead peer may not get to its signal handler).
+    """
+    code, deadline = 0, None
+    while any(proc.poll() is None for proc in procs):
+        failed = [proc.returncode for proc in procs if proc.returncode not in (None, 0)]
+        if failed and deadline is None:
+            code, deadline = failed[0], time.monotonic() + grace_s
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+        if deadline is not None and time.monotonic() > deadline:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        time.sleep(0.05)
+    code = code or next((proc.returncode for proc in procs if proc.returncode != 0), 0)
+    return 128 - code if code < 0 else code
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, not {args.nproc}")
     cfg = resolve(args)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        argv = sys.argv[1:]
+        argv = list(getattr(args, "argv", sys.argv[1:]))
         if "--out" not in " ".join(argv):
             argv += ["--out", str(default_out(cfg))]
-        return _launch(args, argv)
+        return _launch(args.nproc, argv)
     from bame.engine import fit
 
     out = args.out or default_out(cfg)
