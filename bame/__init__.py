@@ -7,8 +7,9 @@ See :func:`bame.sparsify` and ``bame.methods.available()``.
 """
 
 from bame.errors import BameError
+from bame.export import load_compressed
 from bame.sparsifier import Sparsifier, SparseLayer, sparsify
 
 __version__ = "0.1.0"
 
-__all__ = ["BameError", "SparseLayer", "Sparsifier", "__version__", "sparsify"]
+__all__ = ["BameError", "load_compressed", "SparseLayer", "Sparsifier", "__version__", "sparsify"]
