@@ -238,3 +238,15 @@ def test_resolve_step():
             resolve_step(bad, 300, "t_i")
     with pytest.raises(ConfigError, match="total_steps"):
         resolve_step(0.3, None, "t_i")
+
+
+@settings(max_examples=80, deadline=None)
+@given(k=st.integers(1, 30), m=st.sampled_from([2, 4, 8, 16]), data=st.data())
+def test_topn_fast_path_equals_stable_sort(k, m, data):
+    n = data.draw(st.integers(0, m))
+    scores = torch.randint(0, 3, (k, m)).float()  # many ties
+    if data.draw(st.booleans()):
+        scores[0, 0] = float("-inf")  # the sort path
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :n]
+    expected = torch.zeros(k, m, dtype=torch.bool).scatter_(-1, order, True)
+    assert torch.equal(topn_mask(scores, n), expected)
