@@ -54,6 +54,9 @@ class NMMask(nn.Module):
         self.register_buffer("scale", None, persistent=False)
         self.register_buffer("bwd_mask", None, persistent=False)
         self.forward_impl: ForwardImpl | None = None
+        #: Set by a method while the raw weight is exactly zero wherever the mask is: the product W*B is
+        #: then W itself and is skipped (one weight-sized multiply and allocation less per forward).
+        self.weights_pruned = False
 
     def set_scale(self, scale: torch.Tensor | None) -> None:
         """Use float mask values in the forward product (None: back to the bool mask)."""
@@ -70,6 +73,8 @@ class NMMask(nn.Module):
             self.bwd_mask.copy_(bwd_mask)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.scale is None and self.weights_pruned:
+            return weight  # W * B == W exactly; autograd gives W the dense G, as the STE does
         factor = self.mask if self.scale is None else self.scale
         return _StraightThrough.apply(weight, factor)
 

@@ -119,6 +119,9 @@ class BlockEvolution(Method):
             for layer in ctx.layers:
                 keep = topn_mask(layer.blocks(layer.weight.detach().abs()), self.n)
                 layer.set_mask(keep, ctx, zero="pruned")
+        pruned = t >= self.t_i or o.gradual_grad == "sparse"  # pruned weights are exactly zero from here on
+        for layer in ctx.layers:
+            layer.par.weights_pruned = pruned
         self.refresh(ctx)
 
     def refresh(self, ctx) -> None:

@@ -25,6 +25,11 @@ class Static(Method):
     def init_layer(self, layer, ctx) -> None:
         mask = random_mask(layer.num_blocks, self.m, self.n, self.generator, layer.mask.device)
         layer.set_mask(layer.unblocks(mask), ctx, zero="pruned")
+        layer.par.weights_pruned = True  # zeroed here; masked gradients and apply-after-step keep them zero
+
+    def after_step(self, t: int, ctx) -> None:
+        for layer in ctx.layers:  # any optimizer (even one that moves zero-gradient entries) keeps them zero
+            layer.apply_mask()
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
