@@ -1,0 +1,77 @@
+"""Smoke tests of the benchmark scripts: each runs in ``--quick`` mode on tiny settings and writes JSON
+with the expected keys. Speeds are never asserted here (STYLE.md: targets are met in benchmarks, not in
+timed unit tests)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Each test starts one to three Python processes that import torch: several seconds each.
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    cmd = [sys.executable, str(BENCH / f"{script}.py"), "--quick", "--threads", "1", "--out", str(out), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip(), "the script printed no table"
+    return json.loads(out.read_text())
+
+
+def check_machine(record: dict) -> None:
+    machine = record["machine"]
+    for key in ("torch", "threads", "loadavg", "date_utc", "cpu_count"):
+        assert key in machine
+    assert len(machine["loadavg"]) == 3
+
+
+def test_bench_step(tmp_path):
+    record = run("bench_step", tmp_path, "--models", "mlp", "--methods", "dense,bame,sr_ste,bi_mask")
+    check_machine(record)
+    assert record["config"]["quick"] is True
+    mlp = record["models"]["mlp"]
+    assert mlp["baseline_ms"] > 0
+    assert set(mlp["methods"]) == {"dense", "bame", "sr_ste", "bi_mask"}
+    for name, rec in mlp["methods"].items():
+        for key in ("ordinary_ms", "ordinary_ratio", "ordinary_phase", "update_ms", "amortised_ratio"):
+            assert key in rec, (name, key)
+    assert mlp["methods"]["bame"]["ordinary_phase"] == "evolution"
+    assert mlp["methods"]["bame"]["update_phase"] == "update"
+    assert mlp["methods"]["bame"]["mask_update_events"] > 0  # the update slot really updated masks
+    assert mlp["methods"]["sr_ste"]["update_ms"] is None
+    assert mlp["methods"]["bi_mask"]["update_ms"] is not None
+    targets = {(t["method"], t["metric"]) for t in record["targets"]}
+    assert targets == {("bame", "ordinary_ratio"), ("bame", "update_added"), ("sr_ste", "ordinary_ratio"),
+                       ("bi_mask", "update_added_own")}
+    assert all(isinstance(t["pass"], bool) for t in record["targets"])
+
+
+def test_bench_update(tmp_path):
+    record = run("bench_update", tmp_path)
+    check_machine(record)
+    assert record["step_ms"] > 0
+    (nm, rec), = record["patterns"].items()
+    assert nm == "1:16"
+    for key in ("pure_ms", "method_ms", "pure_parts_ms", "sparse_weights", "method_share_of_step",
+                "method_amortised_share"):
+        assert key in rec
+    assert set(rec["pure_parts_ms"]) == {"blocks", "lma", "obf"}
+    assert rec["sparse_weights"] > 0
+
+
+@pytest.mark.parametrize("model", ["mlp"])
+def test_bench_memory(tmp_path, model):
+    record = run("bench_memory", tmp_path, "--models", model, "--methods", "bame")
+    check_machine(record)
+    rows = record["models"][model]["methods"]
+    assert set(rows) == {"baseline", "bame"}
+    for rec in rows.values():
+        for key in ("delta_mb", "ratio", "peak_mb", "baseline_mb", "runs"):
+            assert key in rec
+    assert rows["baseline"]["ratio"] in (1.0, None)  # None only if the baseline grew by nothing
