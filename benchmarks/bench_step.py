@@ -30,7 +30,7 @@ import common
 import torch
 from common import Workload
 
-TARGETS = (  # (method, model-independent metric, limit, description) - the project's targets
+TARGETS = (  # (method, key of its record, limit, text): the project's targets, checked on every model
     ("bame", "ordinary_ratio", 1.05, "BAME ordinary iteration <= 1.05x dense"),
     ("bame", "update_added", 0.02, "BAME update iteration amortised over delta_t=100 adds <= 2% of dense"),
     ("sr_ste", "ordinary_ratio", 1.15, "SR-STE iteration <= 1.15x dense"),

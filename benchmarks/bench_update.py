@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.patterns, args.repeats, args.warmup = args.patterns.split(",")[0], 1, 0
     common.apply_threads(args.threads)
     method = common.method_names(args.methods)[0]
+    machine = common.machine_info()
     load_before = list(os.getloadavg())
     torch.manual_seed(0)
     base = models.create(args.model, num_classes=1000, image_size=args.image_size)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     step_ms = common.median(samples["step"])
     result: dict[str, Any] = {
-        "benchmark": "bench_update", "machine": common.machine_info(),
+        "benchmark": "bench_update", "machine": machine,
         "config": {"repeats": args.repeats, "warmup": args.warmup, "model": args.model, "method": method,
                    "image_size": args.image_size, "step_batch": args.step_batch, "patterns": patterns,
                    "quick": args.quick, "delta_t": common.DELTA_T},
