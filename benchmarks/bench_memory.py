@@ -43,21 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def workloads(args: argparse.Namespace) -> list[Workload]:
-    """The same two workloads as bench_step (see its ``workloads``)."""
-    if args.quick:
-        table = {
-            "resnet32": Workload("resnet32", "resnet32", {}, batch=2, image_size=16),
-            "mlp": Workload("mlp", "mlp", {"dim": 64, "depth": 1, "mlp_ratio": 4}, batch=8),
-        }
-    else:
-        table = {
-            "resnet32": Workload("resnet32", "resnet32", {}, batch=args.batch),
-            "mlp": Workload("mlp", "mlp", {"dim": 1024, "depth": 2, "mlp_ratio": 4}, batch=args.batch),
-        }
-    return [table[name.strip()] for name in args.models.split(",") if name.strip()]
-
-
 # -- child: one measurement ----------------------------------------------------------------------------------
 def rss_bytes() -> int:
     """The current resident set size (Linux ``/proc/self/statm``; else the peak so far)."""
@@ -176,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                    "threads": args.threads or torch.get_num_threads()},
         "models": {},
     }
-    for wl in workloads(args):
+    for wl in common.workloads(args):
         result["models"][wl.name] = run_workload(wl, names, args)
     result["loadavg_end"] = list(os.getloadavg())
     result["bame_source_end"] = common.check_source(result["machine"]["bame_source"])

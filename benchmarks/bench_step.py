@@ -51,26 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def workloads(args: argparse.Namespace) -> list[Workload]:
-    """ResNet-32 on CIFAR-shaped batches; the mlp: 1024 -> 4096 -> 1024 Linear blocks.
-
-    The mlp with ``patch_size=None`` treats each 3x32x32 image as one token (a 3072-wide row): its
-    ``embed`` Linear maps it to 1024, then ``depth`` pre-norm blocks 1024 -> 4096 -> 1024. So a batch of
-    ``--batch`` images is ``--batch`` token rows through every Linear layer.
-    """
-    if args.quick:
-        table = {
-            "resnet32": Workload("resnet32", "resnet32", {}, batch=2, image_size=16),
-            "mlp": Workload("mlp", "mlp", {"dim": 64, "depth": 1, "mlp_ratio": 4}, batch=8),
-        }
-    else:
-        table = {
-            "resnet32": Workload("resnet32", "resnet32", {}, batch=args.batch),
-            "mlp": Workload("mlp", "mlp", {"dim": 1024, "depth": 2, "mlp_ratio": 4}, batch=args.batch),
-        }
-    return [table[name.strip()] for name in args.models.split(",") if name.strip()]
-
-
 def build(wl: Workload, names: list[str], nm: str) -> tuple[dict[str, common.Trainee], torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     base = wl.build()
@@ -271,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "momentum": common.MOMENTUM, "weight_decay": common.WEIGHT_DECAY},
         "models": {},
     }
-    for wl in workloads(args):
+    for wl in common.workloads(args):
         result["models"][wl.name] = run_workload(wl, names, args)
     result["loadavg_end"] = list(os.getloadavg())
     result["bame_source_end"] = common.check_source(result["machine"]["bame_source"])
