@@ -57,6 +57,22 @@ class NMMask(nn.Module):
         #: Set by a method while the raw weight is exactly zero wherever the mask is: the product W*B is
         #: then W itself and is skipped (one weight-sized multiply and allocation less per forward).
         self.weights_pruned = False
+        self._factor_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def mask_as(self, like: torch.Tensor) -> torch.Tensor:
+        """The bool mask as 0/1 in ``like``'s dtype and device, cached until the mask changes.
+
+        Multiplying a float tensor by a bool one converts the bool operand on every call (a weight-sized
+        conversion: about 7x the cost of the multiply itself on a CPU), so the per-step products use this
+        copy. The cache is keyed by the mask's storage and in-place version counter, so any in-place change
+        (``copy_``, ``masked_fill_``, a state load) invalidates it.
+        """
+        mask = self.mask
+        key = (mask.data_ptr(), mask._version, like.dtype, like.device)
+        cached = self._factor_cache
+        if cached is None or cached[0] != key:
+            cached = self._factor_cache = (key, mask.to(like.dtype))
+        return cached[1]
 
     def set_scale(self, scale: torch.Tensor | None) -> None:
         """Use float mask values in the forward product (None: back to the bool mask)."""
@@ -75,7 +91,7 @@ class NMMask(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.scale is None and self.weights_pruned:
             return weight  # W * B == W exactly; autograd gives W the dense G, as the STE does
-        factor = self.mask if self.scale is None else self.scale
+        factor = self.mask_as(weight) if self.scale is None else self.scale
         return _StraightThrough.apply(weight, factor)
 
 

@@ -25,6 +25,7 @@ from bame.errors import ConfigError
 
 GROUP_AXES = ("cin", "kflat")
 _ALL_AXES = ("cin", "kflat", "out")
+_PAIRWISE_MAX_M = 4  # up to this block size a round robin of comparisons beats argmax passes and sorts
 _ARGMAX_MAX_N = 4  # above this a stable sort of each block is faster than N argmax passes
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -130,6 +131,8 @@ def topn_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
         return mask.fill_(True)
     if n == 0:
         return mask
+    if m <= _PAIRWISE_MAX_M and not (scores.is_floating_point() and torch.isnan(scores).any()):
+        return _topn_pairwise(scores, n)
     if n <= _ARGMAX_MAX_N and scores.is_floating_point() and not torch.isneginf(scores).any():
         # n passes of argmax (which returns the first maximum, so ties go to the lower index) beat a
         # sort of every block for the small N of N:M patterns; -inf marks the entries already taken.
@@ -141,6 +144,42 @@ def topn_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
         return mask
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (K, M)
     return mask.scatter_(-1, order[:, :n], True)
+
+
+def _topn_pairwise(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`topn_mask` for small M by a round robin: keep the entries beaten by fewer than N others.
+
+    Entry j beats entry i when its score is larger, or equal with a lower index: a strict total order
+    without NaNs, so exactly N entries per block have fewer than N defeats. M*(M-1)/2 comparisons of
+    ``(K,)`` columns, about 3x faster than N argmax passes at 2:4 for millions of blocks.
+    """
+    k, m = scores.shape
+    # defeats[:, j] = #{i < j: i beats j} + #{i > j: i beats j} = j - #{i < j: j beats i} + #{i > j: ...}.
+    # Bytes with wrap-around arithmetic (every true count is below m <= 4): no widening conversions.
+    defeats = torch.zeros((m, k), dtype=torch.uint8, device=scores.device)  # (M, K): contiguous rows
+    for i in range(m):
+        for j in range(i + 1, m):
+            j_wins = torch.gt(scores[:, j], scores[:, i]).view(torch.uint8)  # (K,); a tie goes to i
+            defeats[i] += j_wins
+            defeats[j] -= j_wins
+    defeats += torch.arange(m, dtype=torch.uint8, device=scores.device).view(m, 1)
+    return (defeats < n).t().contiguous()
+
+
+def block_flips(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """SAD per block: how many entries differ between two ``(K, M)`` masks, int32 ``(K,)``.
+
+    Column by column (``M`` XORs of ``(K,)`` bool columns, summed as bytes when ``M < 256``): several
+    times faster than ``(old != new).sum(-1)``, which widens every entry to int64 first.
+    """
+    old, new = old.bool(), new.bool()
+    m = old.shape[-1]
+    if m > 16:
+        return (old != new).sum(dim=-1, dtype=torch.int32)
+    acc = torch.zeros(old.shape[0], dtype=torch.uint8, device=old.device)  # (K,) counts <= 16
+    for j in range(m):
+        acc += torch.bitwise_xor(old[:, j], new[:, j]).view(torch.uint8)
+    return acc.to(torch.int32)
 
 
 def random_mask(k: int, m: int, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:

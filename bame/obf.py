@@ -24,6 +24,7 @@ import math
 import torch
 
 from bame.errors import ConfigError
+from bame.nm import block_flips
 
 RULES = ("and", "or")
 
@@ -49,7 +50,7 @@ def above_kth_largest(values: torch.Tensor, fraction: float) -> torch.Tensor:
 
 def update_osc(old_mask: torch.Tensor, proposed: torch.Tensor, osc: torch.Tensor, gamma: float) -> torch.Tensor:
     """Eq. 7-8: ``gamma * O + (1 - gamma) * SAD(B_old, B')``, a new ``(K,)`` tensor."""
-    sad = (old_mask.bool() != proposed.bool()).sum(dim=-1).to(osc.dtype)  # (K,)
+    sad = block_flips(old_mask, proposed).to(osc.dtype)  # (K,)
     return osc * gamma + sad * (1.0 - gamma)
 
 

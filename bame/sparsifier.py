@@ -30,6 +30,15 @@ log = logging.getLogger("bame")
 
 _STATE_VERSION = 1
 
+#: Optimizers whose update of an entry is exactly zero when its weight, gradient and state are all zero there
+#: (every option of theirs: momentum, Nesterov, weight decay, AMSGrad, centered, decoupled decay ...), so a
+#: pruned weight with a masked gradient and zeroed state stays exactly zero without a re-masking multiply.
+#: Exact classes only: a subclass may change the update. tests/test_sparsifier.py checks each one.
+ZERO_PRESERVING_OPTIMIZERS: frozenset[type] = frozenset({
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
+    torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax,
+})
+
 
 class SparseLayer:
     """One sparse layer: its module, raw weight, mask and per-layer method state.
@@ -95,7 +104,7 @@ class SparseLayer:
             new_mask = self.unblocks(new_mask)
         new_mask = new_mask.bool()
         changed = new_mask != self.mask
-        flips = int(changed.sum())
+        flips = int(torch.count_nonzero(changed))  # no int64 copy of a weight-sized bool, as .sum() makes
         self.mask.copy_(new_mask)
         if zero == "none":
             return flips
@@ -110,15 +119,24 @@ class SparseLayer:
         """Sparse weight gradient: ``grad *= B``."""
         grad = self.weight.grad
         if grad is not None:
-            grad.mul_(self.mask)
+            grad.mul_(self.par.mask_as(grad))
 
     @torch.no_grad()
-    def apply_mask(self) -> None:
-        """Set pruned weights to exactly zero."""
-        self.weight.mul_(self.mask)
+    def apply_mask(self, ctx: Sparsifier | None = None) -> None:
+        """Set pruned weights to exactly zero.
+
+        Args:
+            ctx: the sparsifier. When given, the multiply is skipped while it is a no-op: the method has
+                declared the pruned weights exactly zero (``weights_pruned``) and the optimizer is one that
+                leaves an entry at zero when its gradient and state are zero there
+                (:attr:`Sparsifier.optimizer_keeps_zeros`).
+        """
+        if ctx is not None and self.par.weights_pruned and ctx.optimizer_keeps_zeros:
+            return
+        self.weight.mul_(self.par.mask_as(self.weight))
 
     def density(self) -> float:
-        return float(self.mask.sum()) / self.mask.numel()
+        return int(torch.count_nonzero(self.mask)) / self.mask.numel()
 
 
 class Sparsifier:
@@ -191,6 +209,7 @@ class Sparsifier:
         for handle in self._hooks:
             handle.remove()
         self.optimizer = optimizer
+        self.optimizer_keeps_zeros = type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
         # Group *indices*: optimizer.load_state_dict replaces the group dicts, so look them up when needed.
         self._group_of: dict[int, int] = {}
         for index, group in enumerate(optimizer.param_groups):

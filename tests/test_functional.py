@@ -9,7 +9,16 @@ from hypothesis import strategies as st
 
 from bame import lma, obf
 from bame.errors import ConfigError
-from bame.nm import backward_mask, from_blocks, is_nm, parse_nm, random_mask, to_blocks, topn_mask
+from bame.nm import (
+    backward_mask,
+    block_flips,
+    from_blocks,
+    is_nm,
+    parse_nm,
+    random_mask,
+    to_blocks,
+    topn_mask,
+)
 from bame.schedules import budget, gradual_budget, is_update_step, phase, resolve_step
 
 # -- nm -----------------------------------------------------------------------------------------------
@@ -64,6 +73,25 @@ def test_topn_hand_computed_and_ties_to_lower_index():
                                              [False, True, True, False]]
     assert topn_mask(scores, 1).tolist() == [[True, False, False, False], [True, False, False, False],
                                              [False, True, False, False]]
+
+
+def _topn_reference(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Plain reference: a stable descending sort per block (NaN largest), keep the first n."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order[:, :n], True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(k=st.integers(1, 40), m=st.sampled_from([1, 2, 3, 4, 8, 16]), data=st.data())
+def test_topn_equals_stable_sort_with_ties_infinities_and_nans(k, m, data):
+    n = data.draw(st.integers(0, m))
+    # Few distinct values, so ties are common; sometimes infinities or a NaN (the fallback path).
+    values = [0.0, 1.0, 2.0, -1.0] + data.draw(st.sampled_from([[], [float("inf"), -float("inf")], [float("nan")]]))
+    flat = data.draw(st.lists(st.sampled_from(values), min_size=k * m, max_size=k * m))
+    scores = torch.tensor(flat).view(k, m)
+    assert torch.equal(topn_mask(scores, n), _topn_reference(scores, n))
+    ints = scores.nan_to_num(0.0, 5.0, -5.0).to(torch.int64)  # integer scores take the same paths
+    assert torch.equal(topn_mask(ints, n), _topn_reference(ints, n))
 
 
 @settings(max_examples=60, deadline=None)
@@ -250,3 +278,12 @@ def test_topn_fast_path_equals_stable_sort(k, m, data):
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :n]
     expected = torch.zeros(k, m, dtype=torch.bool).scatter_(-1, order, True)
     assert torch.equal(topn_mask(scores, n), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 30), m=st.sampled_from([1, 2, 4, 8, 16, 32]), seed=st.integers(0, 100))
+def test_block_flips_equals_plain_count(k, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.rand(k, m, generator=g) > 0.5, torch.rand(k, m, generator=g) > 0.5
+    got = block_flips(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got, (a != b).sum(-1).to(torch.int32))

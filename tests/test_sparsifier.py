@@ -329,3 +329,78 @@ def test_lr_of_survives_optimizer_load_state_dict():
     state["param_groups"][0]["lr"] = 0.0123
     opt.load_state_dict(state)  # replaces the param-group dicts
     assert sp.lr_of(sp.layers[0].weight) == pytest.approx(0.0123)
+
+
+OPTIMIZER_CASES = [
+    (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-3}),
+    (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "weight_decay": 5e-3, "maximize": True}),
+    (torch.optim.Adam, {"lr": 1e-2, "weight_decay": 1e-2, "amsgrad": True}),
+    (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1}),
+    (torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.9, "centered": True, "weight_decay": 1e-2}),
+    (torch.optim.Adagrad, {"lr": 1e-2, "initial_accumulator_value": 0.1, "weight_decay": 1e-2}),
+    (torch.optim.NAdam, {"lr": 1e-2, "weight_decay": 1e-2, "decoupled_weight_decay": True}),
+    (torch.optim.RAdam, {"lr": 1e-2, "weight_decay": 1e-2}),
+    (torch.optim.Adamax, {"lr": 1e-2, "weight_decay": 1e-2}),
+]
+
+
+@pytest.mark.parametrize("method", ["static", "bame"])
+@pytest.mark.parametrize("opt_cls,kwargs", OPTIMIZER_CASES, ids=lambda v: getattr(v, "__name__", ""))
+def test_zero_preserving_optimizers_keep_pruned_weights_zero_without_remasking(method, opt_cls, kwargs):
+    assert opt_cls in bame.sparsifier.ZERO_PRESERVING_OPTIMIZERS
+    torch.manual_seed(0)
+    model = small_cnn()
+    opt = opt_cls(model.parameters(), **kwargs)
+    schedule = {"t_i": 4, "t_f": 20, "delta_t": 3} if method == "bame" else {}
+    sp = bame.sparsify(model, opt, method=method, nm="2:4", total_steps=24, verbose=False, **schedule)
+    assert sp.optimizer_keeps_zeros
+    remasked = []
+    for layer in sp.layers:  # record every re-masking multiply of the weight while it is declared pruned
+        def spy(like, _par=layer.par, _w=layer.weight, _orig=layer.par.mask_as):
+            if like is _w and _par.weights_pruned:
+                remasked.append(1)
+            return _orig(like)
+        layer.par.mask_as = spy
+    for t, (x, y) in enumerate(batches(24, seed=1)):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        for layer in sp.layers:
+            if layer.par.weights_pruned:  # the skip is active: the optimizer alone kept the zeros
+                assert not layer.weight[~layer.mask].any(), (t, layer.name)
+    assert not remasked and sp.layers[0].par.weights_pruned
+
+
+def test_unknown_optimizer_is_remasked_after_each_step():
+    class NoisySGD(torch.optim.SGD):  # moves every entry, zero gradient or not
+        @torch.no_grad()
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(1e-3)
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    opt = NoisySGD(model.parameters(), lr=0.05)
+    sp = bame.sparsify(model, opt, method="static", nm="2:4", verbose=False)
+    assert not sp.optimizer_keeps_zeros
+    train(model, opt, batches(3))
+    for layer in sp.layers:
+        assert not layer.weight[~layer.mask].any()
+        assert (layer.weight[layer.mask] != 0).all()
+
+
+def test_float_mask_copy_follows_every_in_place_change():
+    model, opt, sp = setup(method="sr_ste")  # W*B is computed (pruned weights are not zero)
+    layer = sp.layers[0]
+    first = layer.par.mask_as(layer.weight)
+    assert first.dtype == layer.weight.dtype and torch.equal(first, layer.mask.float())
+    assert layer.par.mask_as(layer.weight) is first  # cached while the mask is unchanged
+    new = ~layer.mask
+    layer.mask.copy_(new)
+    assert torch.equal(layer.par.mask_as(layer.weight), new.float())
+    assert torch.equal(layer.module.weight, layer.weight * new)
+    layer.par.mask[0].zero_()
+    assert not layer.par.mask_as(layer.weight)[0].any()
+    assert layer.par.mask_as(layer.weight.double()).dtype == torch.float64

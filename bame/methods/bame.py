@@ -26,7 +26,7 @@ from bame.errors import ConfigError
 from bame.masking import check_bidirectional_support
 from bame.methods import register
 from bame.methods.base import Charge, Method
-from bame.nm import backward_mask, blocking_problem, topn_mask
+from bame.nm import backward_mask, block_flips, blocking_problem, topn_mask
 from bame.schedules import gradual_budget, is_update_step, phase, resolve_step
 
 
@@ -144,7 +144,7 @@ class BlockEvolution(Method):
     def after_step(self, t: int, ctx) -> None:
         if t >= self.t_i or self.options.gradual_grad == "sparse":
             for layer in ctx.layers:
-                layer.apply_mask()
+                layer.apply_mask(ctx)
 
     @torch.no_grad()
     def _update_layer(self, t: int, layer, ctx) -> None:
@@ -161,16 +161,17 @@ class BlockEvolution(Method):
                 old, proposal, w, layer.state("osc"), o.gamma, o.alpha, o.beta, o.freeze
             )
             layer.state("osc").copy_(osc)
-            frozen_fraction = float(frozen.float().mean())
+            frozen_fraction = int(torch.count_nonzero(frozen)) / frozen.numel()
         else:
             new, frozen_fraction = proposal, 0.0
-        block_flips = (new != old).sum(dim=-1)  # (K,)
-        layer.state("sad").add_(block_flips.to(torch.int32))
+        flips_per_block = block_flips(old, new)  # (K,) int32
+        layer.state("sad").add_(flips_per_block)
         flips = layer.set_mask(new, ctx, zero="changed")
         ctx.record(
             t, layer, updates=layer.stats["updates"] + 1, last_flips=flips,
             total_flips=layer.stats["total_flips"] + flips,
-            proposed_flips=int((proposal != old).sum()), changed_blocks=int((block_flips > 0).sum()),
+            proposed_flips=int(torch.count_nonzero(proposal != old)),
+            changed_blocks=int(torch.count_nonzero(flips_per_block)),
             frozen_fraction=frozen_fraction,
         )
 

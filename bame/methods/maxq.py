@@ -32,7 +32,7 @@ import torch
 from bame.errors import ConfigError
 from bame.methods import register
 from bame.methods.base import Charge, Method
-from bame.methods.sr_ste import sr_ste_decay
+from bame.methods.sr_ste import add_sr_ste_decay
 from bame.nm import topn_mask
 from bame.schedules import resolve_step
 
@@ -198,7 +198,7 @@ class Maxq(Method):
         for layer in ctx.layers:
             grad = layer.weight.grad
             if grad is not None:  # straight-through: the dense G, unmasked
-                grad.add_(sr_ste_decay(layer.weight, layer.mask, self.options.lambda_w))
+                add_sr_ste_decay(grad, layer, self.options.lambda_w)
 
     # -- accounting --------------------------------------------------------------------------------------
     def charge(self, t: int, layer) -> Charge:

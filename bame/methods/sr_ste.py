@@ -32,9 +32,15 @@ class SrSteOptions:
     lambda_w: float = 2e-4  # SR-STE's decay (paper Sec. 4 and every released config)
 
 
-def sr_ste_decay(weight: torch.Tensor, mask: torch.Tensor, lambda_w: float) -> torch.Tensor:
-    """SR-STE's sparse-refined term ``lambda_w * (1 - B) * W``, weight-shaped (no sign: L2-shaped)."""
-    return weight * (~mask.bool()) * lambda_w
+@torch.no_grad()
+def add_sr_ste_decay(grad: torch.Tensor, layer, lambda_w: float) -> None:
+    """``grad += lambda_w * (1 - B) * W`` in place: one product with a float copy of ``1 - B``.
+
+    SR-STE's sparse-refined term (no sign: L2-shaped). Bitwise equal to ``grad + lambda_w * (1 - B) * W``
+    (products with 0/1 are exact), without weight-sized bool conversions.
+    """
+    keep = layer.par.mask_as(grad)  # cached 0/1 copy of B; the forward of this iteration made it already
+    grad.addcmul_(layer.weight.detach(), torch.sub(1.0, keep), value=lambda_w)
 
 
 def magnitude_mask(layer, n: int) -> torch.Tensor:
@@ -64,7 +70,7 @@ class SrSte(Method):
         for layer in ctx.layers:
             grad = layer.weight.grad
             if grad is not None:  # straight-through: grad is the dense G; it stays unmasked
-                grad.add_(sr_ste_decay(layer.weight, layer.mask, self.options.lambda_w))
+                add_sr_ste_decay(grad, layer, self.options.lambda_w)
 
     def charge(self, t: int, layer) -> Charge:
         r = self.r

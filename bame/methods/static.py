@@ -28,8 +28,8 @@ class Static(Method):
         layer.par.weights_pruned = True  # zeroed here; masked gradients and apply-after-step keep them zero
 
     def after_step(self, t: int, ctx) -> None:
-        for layer in ctx.layers:  # any optimizer (even one that moves zero-gradient entries) keeps them zero
-            layer.apply_mask()
+        for layer in ctx.layers:  # re-zeroed unless the optimizer provably keeps zero entries at zero
+            layer.apply_mask(ctx)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
