@@ -145,6 +145,26 @@ def test_backward_mask_properties(out_groups, cin, m, data):
     assert is_nm(mask, n, m)
 
 
+@settings(max_examples=50, deadline=None)
+@given(groups=st.integers(1, 4), rest=st.integers(1, 6), m=st.sampled_from([2, 3, 4, 8]), permute=st.booleans(),
+       data=st.data())
+def test_backward_mask_equals_blockwise_reference(groups, rest, m, permute, data):
+    n = data.draw(st.integers(1, m))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    w = torch.randint(-2, 3, (groups * m, rest), generator=g).float()  # few values: many ties
+    mask = torch.rand(w.shape, generator=g) > 0.3
+    perm = torch.randperm(groups * m, generator=g) if permute else None
+    # Reference: |W*B| in the (permuted) row order, top-N of each block of M consecutive rows, un-permuted.
+    scores = (w * mask).abs()
+    scores = scores[perm] if permute else scores
+    keep = from_blocks(_topn_reference(to_blocks(scores, m, "out"), n), scores.shape, "out")
+    if permute:
+        unpermuted = torch.empty_like(keep)
+        unpermuted[perm] = keep
+        keep = unpermuted
+    assert torch.equal(backward_mask(w, mask, n, m, perm), keep & mask)
+
+
 # -- lma ------------------------------------------------------------------------------------------------
 
 
