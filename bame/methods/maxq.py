@@ -91,9 +91,12 @@ def axis_soft(x: torch.Tensor, n: int, m: int, tau: float) -> torch.Tensor:
     n_prune = (m - n) * length // m
     if n_prune == 0:
         return torch.ones_like(x)
-    ordered = torch.sort(x, dim=-1).values  # (rows, L) ascending
-    thr = (ordered[:, n_prune - 1] + ordered[:, n_prune]) / 2  # (rows,)
-    hard = topn_mask(x, length - n_prune)  # (rows, L)
+    keep = length - n_prune
+    # One stable descending sort gives both the kept set (the first `keep`, ties to the lower index, as
+    # topn_mask) and the threshold between the smallest kept and the largest pruned value.
+    ordered, order = torch.sort(x, dim=-1, descending=True, stable=True)  # (rows, L)
+    thr = (ordered[:, keep] + ordered[:, keep - 1]) / 2  # (rows,)
+    hard = torch.zeros_like(x).scatter_(-1, order[:, :keep], 1.0)  # (rows, L) 0/1 in x's dtype
     return hard * torch.sigmoid((x - thr[:, None]) / tau)
 
 
