@@ -75,3 +75,17 @@ def test_bench_memory(tmp_path, model):
         for key in ("delta_mb", "ratio", "peak_mb", "baseline_mb", "runs"):
             assert key in rec
     assert rows["baseline"]["ratio"] in (1.0, None)  # None only if the baseline grew by nothing
+
+
+def test_bench_kernel_step(tmp_path):
+    record = run("bench_kernel_step", tmp_path)
+    check_machine(record)
+    assert record["config"]["quick"] is True
+    assert set(record["patterns"]) == {"1:16", "1:4"}
+    for rec in record["patterns"].values():
+        assert rec["dense_ms"] > 0
+        assert set(rec["variants"]) == {"static/masked", "static/sparse", "bame/masked", "bame/sparse"}
+        assert rec["variants"]["bame/sparse"]["update_ms"] is not None
+        assert rec["variants"]["static/sparse"]["layers"]  # per-layer plan notes
+    assert {(t["nm"], t["method"]) for t in record["targets"]} == {
+        ("1:16", "static"), ("1:16", "bame"), ("1:4", "static"), ("1:4", "bame")}

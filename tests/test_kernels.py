@@ -12,11 +12,21 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from bame.errors import ConfigError
-from bame.kernels import NMLinearFunction, Plan, choose_plan, clear_plan_cache, nm_linear, pack, unpack
-from bame.kernels.linear import FORWARD, INPUT_GRAD, WEIGHT_GRAD, dw_full, scatter_values
+from bame.kernels import NMLinearFunction, Plan, choose_plan, clear_plan_cache, native, nm_linear, pack, unpack
+from bame.kernels.linear import FORWARD as ALL_FORWARD
+from bame.kernels.linear import INPUT_GRAD as ALL_INPUT_GRAD
+from bame.kernels.linear import WEIGHT_GRAD as ALL_WEIGHT_GRAD
+from bame.kernels.linear import dw_full, scatter_values
 from bame.kernels.plan import random_nm_mask, tokens_bucket
 from bame.kernels.tiles import auto_tile, from_tiles, to_tiles
 
+
+def _usable(formulations: dict) -> dict:
+    """Every registered formulation, less the native ones where no C compiler is available."""
+    return {k: v for k, v in formulations.items() if k != "native" or native.available()}
+
+
+FORWARD, INPUT_GRAD, WEIGHT_GRAD = _usable(ALL_FORWARD), _usable(ALL_INPUT_GRAD), _usable(ALL_WEIGHT_GRAD)
 FAST = settings(max_examples=40, deadline=None)
 # tile=8 with 37 tokens: several token tiles, the last one zero-padded.
 PLANS = [Plan(f, d, w, tile=8) for f, d, w in itertools.product(FORWARD, INPUT_GRAD, WEIGHT_GRAD)]
@@ -241,7 +251,7 @@ def test_refresh_keeps_padding_zero() -> None:
 def test_choose_plan_valid_and_cached() -> None:
     clear_plan_cache()
     plan = choose_plan(64, 128, 1, 16, batch_tokens=50, repeats=1, warmup=0)
-    assert plan.fwd in FORWARD and plan.dx in INPUT_GRAD and plan.dw in WEIGHT_GRAD
+    assert plan.fwd in ALL_FORWARD and plan.dx in ALL_INPUT_GRAD and plan.dw in ALL_WEIGHT_GRAD
     assert plan.reason.startswith("1:16 64x128 T=64")
     assert set(plan.timings_ms) == {"fwd", "dx", "dw"} and "dense" in plan.timings_ms["dw"]
     assert Plan.from_dict(plan.to_dict()) == plan

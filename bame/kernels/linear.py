@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bame.kernels import native
 from bame.kernels.packed import Packed, csr_tensor, unpack
 from bame.kernels.tiles import from_tiles, layer_tile, to_tiles
 
@@ -33,16 +34,19 @@ __all__ = [
     "dw_dense",
     "dw_dense_masked",
     "dw_full",
+    "dw_native",
     "dw_sampled",
     "dw_sampled_tiles",
     "dx_csr",
     "dx_dense",
     "dx_embag",
     "dx_embag_tiles",
+    "dx_native",
     "fwd_csr",
     "fwd_dense",
     "fwd_embag",
     "fwd_embag_tiles",
+    "fwd_native",
     "nm_linear",
     "scatter_values",
 ]
@@ -176,12 +180,81 @@ def scatter_values(grad_values: Tensor, packed: Packed) -> Tensor:
     return unpack(packed.with_values(grad_values))
 
 
+# -- native C kernels (bame.kernels.native) on their own token tiling -------------------------------------
+def native_tile(packed: Packed, tokens: int) -> int:
+    """Tokens per tile of the native kernels' tables for this layer (one size, so x and dY tiles align)."""
+    return native.token_tile(max(packed.shape), tokens)
+
+
+def native_tiles(a: Tensor, packed: Packed) -> Tensor:
+    """``a (T, R)`` in the native kernels' tiled transposed layout ``(n_tiles, R, tw)``."""
+    return native.to_tiles(a.contiguous(), native_tile(packed, a.shape[0]))
+
+
+def _flat_values(packed: Packed) -> Tensor:
+    return packed.values.reshape(-1).contiguous()  # (out * K,), row-major slot order
+
+
+def fwd_native_tiles(x_tiles: Tensor, tokens: int, packed: Packed) -> Tensor:
+    """:func:`fwd_native` from ``x`` already tiled: ``(n_tiles, in, tw)`` -> ``(T, out)``."""
+    return native.bag(x_tiles, tokens, packed.cols, packed.row_ptr(), _flat_values(packed))
+
+
+def fwd_native(x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``y[t, o] = sum_k values[o, k] * x[t, cols[o, k]]`` with the native bag kernel over tiles of ``x^T``.
+
+    float32 CPU only (else ``NotImplementedError``). ``tile`` is ignored: the native tiling is fixed by the
+    layer shape (:func:`native_tile`). The result is written directly in ``(T, out)`` layout.
+    """
+    native.check_inputs(x, packed.values)
+    return fwd_native_tiles(native_tiles(x, packed), x.shape[0], packed)
+
+
+def dx_native_tiles(dy_tiles: Tensor, tokens: int, packed: Packed) -> Tensor:
+    """:func:`dx_native` from ``dY`` already tiled: ``(n_tiles, out, tw)`` -> ``(T, in)``."""
+    perm, rows, crow = packed.transposed()
+    weights = native.take(_flat_values(packed), perm)  # (nnz_real,) in W^T's CSR order
+    return native.bag(dy_tiles, tokens, rows, crow, weights)
+
+
+def dx_native(dy: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dX[t, i] = sum_{(o, i) kept} W[o, i] * dY[t, o]``: native bags over the columns (CSC structure).
+
+    float32 CPU only. ``tile`` is ignored (see :func:`fwd_native`).
+    """
+    native.check_inputs(dy, packed.values)
+    return dx_native_tiles(native_tiles(dy, packed), dy.shape[0], packed)
+
+
+def dw_native_tiles(dy_tiles: Tensor, x_tiles: Tensor, tokens: int, packed: Packed) -> Tensor:
+    """:func:`dw_native` from tiled ``dY`` and ``x``: the slot gradients ``(out, in//m, n)``."""
+    flat = native.sampled_dot(dy_tiles, x_tiles, tokens, packed.cols, packed.row_ptr(), packed.slot_mask)
+    return flat.view_as(packed.indices)
+
+
+def dw_native(dy: Tensor, x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dW[o, k] = <dY[:, o], x[:, cols[o, k]]>`` at kept slots with the native sampled-dot kernel.
+
+    float32 CPU only; zero at padding slots. ``tile`` is ignored (see :func:`fwd_native`).
+    """
+    native.check_inputs(dy, x)
+    return dw_native_tiles(native_tiles(dy, packed), native_tiles(x, packed), x.shape[0], packed)
+
+
+def scatter_values_native(grad_values: Tensor, packed: Packed) -> Tensor:
+    """:func:`scatter_values` in one parallel pass (zeros and slot values written row by row)."""
+    return native.scatter_rows(
+        grad_values.reshape(-1).contiguous(), packed.cols, packed.row_ptr(), packed.shape, packed.slot_mask
+    )
+
+
 ProductFn = Callable[[Tensor, Packed, int], Tensor]
-FORWARD: dict[str, ProductFn] = {"dense": fwd_dense, "embag": fwd_embag, "csr": fwd_csr}
-INPUT_GRAD: dict[str, ProductFn] = {"dense": dx_dense, "embag": dx_embag, "csr": dx_csr}
+FORWARD: dict[str, ProductFn] = {"dense": fwd_dense, "embag": fwd_embag, "csr": fwd_csr, "native": fwd_native}
+INPUT_GRAD: dict[str, ProductFn] = {"dense": dx_dense, "embag": dx_embag, "csr": dx_csr, "native": dx_native}
 WEIGHT_GRAD: dict[str, Callable[[Tensor, Tensor, Packed, int], Tensor]] = {
     "dense": dw_dense,
     "sampled": dw_sampled,
+    "native": dw_native,
 }
 # The same products on token tiles (see bame.kernels.tiles): NMLinearFunction shares the tiles among them.
 FORWARD_TILES: dict[str, Callable[[Tensor, Packed], Tensor]] = {"embag": fwd_embag_tiles}
@@ -195,7 +268,8 @@ class NMLinearFunction(torch.autograd.Function):
     The values are gathered from ``weight`` at the packed slots on every call (O(nnz)), so the result is
     always exact for the current weight, even at a pruned entry that holds a non-zero (straight-through
     methods); only the *structure* of the packed arguments is used. ``x`` and ``dY`` are transposed into
-    token tiles at most once each, shared by every tiled formulation of the plan.
+    token tiles at most once each, shared by every tiled formulation of the plan (the native kernels use
+    their own tiling, :func:`native_tiles`, likewise shared: x by the forward and dW, dY by dX and dW).
     """
 
     @staticmethod
@@ -212,20 +286,30 @@ class NMLinearFunction(torch.autograd.Function):
         """Compute ``y (..., out)`` from ``x (..., in)``; see the class docstring."""
         fwd, _, dw_name, tile = _names(plan)
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
-        tile = tile or layer_tile(packed_fwd.shape, x2.shape[0], x2)
-        tiled_dw = ctx.needs_input_grad[1] and not dense_wgrad and dw_name in WEIGHT_GRAD_TILES
+        tokens = x2.shape[0]
+        tile = tile or layer_tile(packed_fwd.shape, tokens, x2)
+        sparse_dw = ctx.needs_input_grad[1] and not dense_wgrad
+        tiled_dw = sparse_dw and dw_name in WEIGHT_GRAD_TILES
+        native_dw = sparse_dw and dw_name == "native"
         vals_fwd = packed_fwd.gather_values(weight).to(x.dtype)  # (out, in//m, n)
         vals_bwd = None if packed_bwd is None else packed_bwd.gather_values(weight).to(x.dtype)
         x_tiles = to_tiles(x2, tile) if fwd in FORWARD_TILES or tiled_dw else None  # (n_tiles, in, tile)
+        # The native kernels' own tiling of x^T, shared by the forward and the weight gradient.
+        x_nt = native_tiles(x2, packed_fwd) if fwd == "native" or native_dw else None  # (n_tiles, in, tw)
         pf = packed_fwd.with_values(vals_fwd)
-        if fwd in FORWARD_TILES:
-            y2 = from_tiles(FORWARD_TILES[fwd](x_tiles, pf), x2.shape[0])  # (T, out)
+        if fwd == "native":
+            y2 = fwd_native_tiles(x_nt, tokens, pf)  # (T, out), a fresh tensor
+            if bias is not None:
+                y2.add_(bias)
         else:
-            y2 = FORWARD[fwd](x2, pf, tile)  # (T, out)
-        if bias is not None:
-            y2 = y2 + bias
+            if fwd in FORWARD_TILES:
+                y2 = from_tiles(FORWARD_TILES[fwd](x_tiles, pf), tokens)  # (T, out)
+            else:
+                y2 = FORWARD[fwd](x2, pf, tile)  # (T, out)
+            if bias is not None:
+                y2 = y2 + bias
         # Keep only the layout of x that the weight gradient will read (none if the weight is frozen).
-        saved_x = (x_tiles if tiled_dw else x2) if ctx.needs_input_grad[1] else None
+        saved_x = (x_nt if native_dw else x_tiles if tiled_dw else x2) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(saved_x, vals_fwd, vals_bwd)
         ctx.packed, ctx.plan_names = (packed_fwd, packed_bwd), (fwd, *_names(plan)[1:3], tile)
         ctx.dense_wgrad, ctx.x_shape, ctx.w_dtype = dense_wgrad, x.shape, weight.dtype
@@ -238,17 +322,24 @@ class NMLinearFunction(torch.autograd.Function):
         packed_fwd, packed_bwd = ctx.packed
         _, dx_name, dw_name, tile = ctx.plan_names
         dy2 = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
+        tokens = dy2.shape[0]
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tiled_dw = need_dw and not ctx.dense_wgrad and dw_name in WEIGHT_GRAD_TILES
+        native_dw = need_dw and not ctx.dense_wgrad and dw_name == "native"
         tiled_dx = need_dx and dx_name in INPUT_GRAD_TILES
+        native_dx = need_dx and dx_name == "native"
         dy_tiles = to_tiles(dy2, tile) if tiled_dx or tiled_dw else None  # (n_tiles, out, tile)
+        # One native tiling of dY^T, shared by the input and the weight gradient.
+        dy_nt = native_tiles(dy2, packed_fwd) if native_dx or native_dw else None  # (n_tiles, out, tw)
         dx = dw = db = None
         if need_dx:
             p_dx = (
                 packed_fwd.with_values(vals_fwd) if packed_bwd is None else packed_bwd.with_values(vals_bwd)
             )
-            if tiled_dx:
-                dx = from_tiles(INPUT_GRAD_TILES[dx_name](dy_tiles, p_dx), dy2.shape[0])  # (T, in)
+            if native_dx:
+                dx = dx_native_tiles(dy_nt, tokens, p_dx)  # (T, in)
+            elif tiled_dx:
+                dx = from_tiles(INPUT_GRAD_TILES[dx_name](dy_tiles, p_dx), tokens)  # (T, in)
             else:
                 dx = INPUT_GRAD[dx_name](dy2, p_dx, tile)  # (T, in)
             dx = dx.view(ctx.x_shape)
@@ -258,14 +349,23 @@ class NMLinearFunction(torch.autograd.Function):
                 dw = dw_full(dy2, saved_x)  # (out, in)
             elif dw_name == "dense":
                 dw = dw_dense_masked(dy2, saved_x, pf)  # (out, in)
+            elif native_dw:
+                dw = _scatter(dw_native_tiles(dy_nt, saved_x, tokens, pf), pf)  # (out, in)
             elif tiled_dw:
-                dw = scatter_values(WEIGHT_GRAD_TILES[dw_name](dy_tiles, saved_x, pf), pf)  # (out, in)
+                dw = _scatter(WEIGHT_GRAD_TILES[dw_name](dy_tiles, saved_x, pf), pf)  # (out, in)
             else:
-                dw = scatter_values(WEIGHT_GRAD[dw_name](dy2, saved_x, pf, tile), pf)  # (out, in)
+                dw = _scatter(WEIGHT_GRAD[dw_name](dy2, saved_x, pf, tile), pf)  # (out, in)
             dw = dw.to(ctx.w_dtype)
         if ctx.needs_input_grad[4]:
             db = dy2.sum(0)  # (out,)
         return dx, dw, None, None, db, None, None
+
+
+def _scatter(grad_values: Tensor, packed: Packed) -> Tensor:
+    """The dense ``(out, in)`` weight gradient from slot gradients: one native pass when it can run."""
+    if grad_values.dtype == torch.float32 and grad_values.device.type == "cpu" and native.available():
+        return scatter_values_native(grad_values, packed)
+    return scatter_values(grad_values, packed)
 
 
 def _names(plan: Plan | None) -> tuple[str, str, str, int]:

@@ -1,0 +1,257 @@
+/*
+ * Native CPU kernels for the N:M-sparse Linear products (bame.kernels.native loads them with ctypes).
+ *
+ * Plain C99, no dependency beyond libc: compiled on first use with ``cc -O3 -march=native -fPIC -shared``.
+ * Every kernel works on a row range [r0, r1) so that Python threads (ctypes releases the GIL) can split
+ * the work; a row's result never depends on the split, so any split gives bit-identical output.
+ *
+ * Token tables are float32 in the *tiled* transposed layout of bame/kernels/tiles.py: a (T, R) activation
+ * (x or dY) is stored as (n_tiles, R, tw), tile c holding rows a[c*tw : (c+1)*tw]^T, the tokens past T
+ * zero. One tile's table is contiguous (tw floats per row): it stays in L2 while every bag of a row range
+ * is summed over it, without the cache-set conflicts of a power-of-two row stride. Indices and offsets
+ * are int64.
+ */
+
+#include <stdint.h>
+#include <string.h>
+
+/* Version of the C interface; native.py checks it after loading a library. */
+int64_t nm_abi_version(void) { return 3; }
+
+/* The largest token tile (floats): the accumulators of one bag tile stay in registers. */
+#define MAX_TW 64
+
+/*
+ * A minimal SIMD layer: AVX-512 or AVX2+FMA intrinsics when the compiler targets them (-march=native),
+ * else one float per "vector" (portable C). Written with explicit vectors rather than left to the
+ * auto-vectorizer: GCC's loop interchange turns the natural "for slot, for token" loop into a scalar
+ * strided one.
+ */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define VW 16
+typedef __m512 vec;
+#define VZERO() _mm512_setzero_ps()
+#define VSET1(x) _mm512_set1_ps(x)
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps((p), (v))
+#define VFMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
+#define VMUL(a, b) _mm512_mul_ps((a), (b))
+#define VADD(a, b) _mm512_add_ps((a), (b))
+#define VHSUM(v) _mm512_reduce_add_ps(v)
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VW 8
+typedef __m256 vec;
+#define VZERO() _mm256_setzero_ps()
+#define VSET1(x) _mm256_set1_ps(x)
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps((p), (v))
+#define VFMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define VMUL(a, b) _mm256_mul_ps((a), (b))
+#define VADD(a, b) _mm256_add_ps((a), (b))
+static inline float VHSUM(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+#else
+#define VW 1
+typedef float vec;
+#define VZERO() 0.0f
+#define VSET1(x) (x)
+#define VLOAD(p) (*(p))
+#define VSTORE(p, v) (*(p) = (v))
+#define VFMA(a, b, c) ((a) * (b) + (c))
+#define VMUL(a, b) ((a) * (b))
+#define VADD(a, b) ((a) + (b))
+#define VHSUM(v) (v)
+#endif
+
+/* One bag over one tile of compile-time width W (a multiple of VW): two sets of W / VW vector accumulators
+ * (even and odd slots: twice the independent FMA chains, to hide the FMA latency), summed at the end. */
+#define BAG_TILE(W)                                                                      \
+    do {                                                                                 \
+        vec acc[(W) / VW], acc2[(W) / VW];                                               \
+        float buf[W];                                                                    \
+        for (int v = 0; v < (W) / VW; ++v) acc[v] = acc2[v] = VZERO();                   \
+        int64_t p = p0;                                                                  \
+        for (; p + 1 < p1; p += 2) {                                                     \
+            const vec w0 = VSET1(w[wperm ? wperm[p] : p]);                               \
+            const vec w1 = VSET1(w[wperm ? wperm[p + 1] : p + 1]);                       \
+            const float *restrict row0 = tab + idx[p] * (W);                             \
+            const float *restrict row1 = tab + idx[p + 1] * (W);                         \
+            for (int v = 0; v < (W) / VW; ++v) {                                         \
+                acc[v] = VFMA(w0, VLOAD(row0 + v * VW), acc[v]);                         \
+                acc2[v] = VFMA(w1, VLOAD(row1 + v * VW), acc2[v]);                       \
+            }                                                                            \
+        }                                                                                \
+        if (p < p1) {                                                                    \
+            const vec w0 = VSET1(w[wperm ? wperm[p] : p]);                               \
+            const float *restrict row0 = tab + idx[p] * (W);                             \
+            for (int v = 0; v < (W) / VW; ++v) acc[v] = VFMA(w0, VLOAD(row0 + v * VW), acc[v]); \
+        }                                                                                \
+        for (int v = 0; v < (W) / VW; ++v) VSTORE(buf + v * VW, VADD(acc[v], acc2[v]));  \
+        for (int64_t j = 0; j < width; ++j) dst[j * ldt] = buf[j];                       \
+    } while (0)
+
+/*
+ * Weighted row sums ("bags") over a tiled table:
+ *     out[r, t] = sum_{p = off[r]}^{off[r+1] - 1} w[q(p)] * table[idx[p], t]      for r in [r0, r1), t < T
+ * with q(p) = wperm[p] when wperm is not NULL, else p (so the input gradient reads the values in CSC
+ * order without a separate permuting copy).
+ *
+ * table: (n_tiles, rows, tw) with n_tiles = ceil(T / tw), tw <= MAX_TW. out[r, t] is stored at
+ * out[r * ldr + t * ldt]: (ldr, ldt) = (T, 1) gives a (bags, T) result, (1, bags) its transpose (T, bags),
+ * written directly (no transposing copy afterwards).
+ */
+void nm_bag_f32(const float *restrict table, int64_t rows, int64_t T, int64_t tw, const int64_t *restrict idx,
+                const int64_t *restrict off, const float *restrict w, const int64_t *restrict wperm,
+                float *restrict out, int64_t ldr, int64_t ldt, int64_t r0, int64_t r1) {
+    const int64_t n_tiles = (T + tw - 1) / tw;
+    for (int64_t c = 0; c < n_tiles; ++c) {
+        const float *restrict tab = table + c * rows * tw;
+        const int64_t width = (T - c * tw < tw) ? T - c * tw : tw;
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t p0 = off[r], p1 = off[r + 1];
+            float *restrict dst = out + r * ldr + c * tw * ldt;
+            if (tw == 64) {
+                BAG_TILE(64);
+            } else if (tw == 32) {
+                BAG_TILE(32);
+            } else if (tw == 16) {
+                BAG_TILE(16);
+            } else { /* small or odd tiles (T < 16, say): scalar, runtime width */
+                float acc[MAX_TW];
+                for (int64_t j = 0; j < tw; ++j) acc[j] = 0.0f;
+                for (int64_t p = p0; p < p1; ++p) {
+                    const float wp = w[wperm ? wperm[p] : p];
+                    const float *restrict row = tab + idx[p] * tw;
+                    for (int64_t j = 0; j < tw; ++j) acc[j] += wp * row[j];
+                }
+                for (int64_t j = 0; j < width; ++j) dst[j * ldt] = acc[j];
+            }
+        }
+    }
+}
+
+/* Dot product of a (held in W / VW registers) with a length-W row b: vector partial sums, then a fixed
+ * pairwise reduction (the same order for every call, so results do not depend on the thread split). */
+#define DOT_TILE(W, a, b, result)                                                        \
+    do {                                                                                 \
+        vec prod[(W) / VW];                                                              \
+        for (int v = 0; v < (W) / VW; ++v) prod[v] = VMUL((a)[v], VLOAD((b) + v * VW));  \
+        for (int half = (W) / VW / 2; half > 0; half /= 2)                               \
+            for (int v = 0; v < half; ++v) prod[v] = VADD(prod[v], prod[v + half]);      \
+        (result) = VHSUM(prod[0]);                                                        \
+    } while (0)
+
+/* All slots of row r for one tile of compile-time width W. */
+#define DOT_ROW(W)                                                                       \
+    do {                                                                                 \
+        vec av[(W) / VW];                                                                \
+        for (int v = 0; v < (W) / VW; ++v) av[v] = VLOAD(a + v * VW);                    \
+        for (int64_t p = off[r]; p < off[r + 1]; ++p) {                                  \
+            float d;                                                                     \
+            DOT_TILE(W, av, tb + idx[p] * (W), d);                                       \
+            out[p] = (c == 0) ? d : out[p] + d;                                          \
+        }                                                                                \
+    } while (0)
+
+/*
+ * Sampled dense-dense product (the weight gradient at kept slots only) over tiled tables:
+ *     out[p] = sum_t A[r, t] * B[idx[p], t]      for p in [off[r], off[r+1]), r in [r0, r1)
+ * A: (n_tiles, rows_a, tw) = dY^T; B: (n_tiles, rows_b, tw) = x^T (padding tokens are zero in both).
+ * Slots with keep != NULL and keep[p] == 0 (padding) get 0. The tiles are the outer loop, so one tile of
+ * B stays in L2 while out[] accumulates over the tiles.
+ */
+void nm_sampled_dot_f32(const float *restrict A, int64_t rows_a, const float *restrict B, int64_t rows_b,
+                        int64_t T, int64_t tw, const int64_t *restrict idx, const int64_t *restrict off,
+                        const uint8_t *restrict keep, float *restrict out, int64_t r0, int64_t r1) {
+    const int64_t n_tiles = (T + tw - 1) / tw;
+    for (int64_t c = 0; c < n_tiles; ++c) {
+        const float *restrict ta = A + c * rows_a * tw;
+        const float *restrict tb = B + c * rows_b * tw;
+        for (int64_t r = r0; r < r1; ++r) {
+            const float *restrict a = ta + r * tw;
+            if (tw == 64) {
+                DOT_ROW(64);
+            } else if (tw == 32) {
+                DOT_ROW(32);
+            } else if (tw == 16) {
+                DOT_ROW(16);
+            } else {
+                for (int64_t p = off[r]; p < off[r + 1]; ++p) {
+                    const float *restrict b = tb + idx[p] * tw;
+                    float d = 0.0f;
+                    for (int64_t j = 0; j < tw; ++j) d += a[j] * b[j];
+                    out[p] = (c == 0) ? d : out[p] + d;
+                }
+            }
+        }
+    }
+    if (keep)
+        for (int64_t r = r0; r < r1; ++r)
+            for (int64_t p = off[r]; p < off[r + 1]; ++p)
+                if (!keep[p]) out[p] = 0.0f;
+}
+
+/*
+ * A row-major (T, R) matrix into the tiled transposed layout (n_tiles, R, tw), zero past T; this call
+ * writes table rows [r0, r1) of every tile. Blocks of 16 x 16 keep reads and writes in whole cache lines.
+ */
+void nm_to_tiles_f32(const float *restrict a, int64_t T, int64_t R, int64_t tw, float *restrict out,
+                     int64_t r0, int64_t r1) {
+    const int64_t n_tiles = (T + tw - 1) / tw;
+    for (int64_t c = 0; c < n_tiles; ++c) {
+        float *restrict tile = out + c * R * tw;
+        const int64_t width = (T - c * tw < tw) ? T - c * tw : tw;
+        for (int64_t i0 = r0; i0 < r1; i0 += 16) {
+            const int64_t i1 = (i0 + 16 < r1) ? i0 + 16 : r1;
+            for (int64_t j0 = 0; j0 < width; j0 += 16) {
+                const int64_t j1 = (j0 + 16 < width) ? j0 + 16 : width;
+                for (int64_t i = i0; i < i1; ++i)
+                    for (int64_t j = j0; j < j1; ++j) tile[i * tw + j] = a[(c * tw + j) * R + i];
+            }
+            if (width < tw)
+                for (int64_t i = i0; i < i1; ++i)
+                    memset(tile + i * tw + width, 0, (size_t)(tw - width) * sizeof(float));
+        }
+    }
+}
+
+/*
+ * Slot values into a dense row-major matrix: row r of dense (stride ld) becomes zero except
+ *     dense[r, idx[p]] = vals[p]      for p in [off[r], off[r+1]) with keep[p] (or keep NULL)
+ * for r in [r0, r1): one pass over the dense rows (the dense gradient from the slot gradients).
+ */
+void nm_scatter_rows_f32(const float *restrict vals, const int64_t *restrict idx, const int64_t *restrict off,
+                         const uint8_t *restrict keep, float *restrict dense, int64_t ncols, int64_t ld,
+                         int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        float *restrict row = dense + r * ld;
+        memset(row, 0, (size_t)ncols * sizeof(float));
+        for (int64_t p = off[r]; p < off[r + 1]; ++p)
+            if (!keep || keep[p]) row[idx[p]] = vals[p];
+    }
+}
+
+/*
+ * Slot values gathered from a dense row-major matrix (the packed values of the current weight):
+ *     out[p] = dense[r, idx[p]]  (0 at padding slots: keep[p] == 0)      for p in [off[r], off[r+1])
+ */
+void nm_gather_rows_f32(const float *restrict dense, int64_t ld, const int64_t *restrict idx,
+                        const int64_t *restrict off, const uint8_t *restrict keep, float *restrict out,
+                        int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *restrict row = dense + r * ld;
+        for (int64_t p = off[r]; p < off[r + 1]; ++p) out[p] = (!keep || keep[p]) ? row[idx[p]] : 0.0f;
+    }
+}
+
+/* out[q] = src[idx[q]] for q in [q0, q1) (the values in another slot order, e.g. W^T's CSR order). */
+void nm_take_f32(const float *restrict src, const int64_t *restrict idx, float *restrict out, int64_t q0,
+                 int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) out[q] = src[idx[q]];
+}

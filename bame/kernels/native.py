@@ -1,0 +1,407 @@
+"""Native CPU kernels (plain C, loaded with ctypes) for the N:M products, compiled on first use.
+
+``csrc/nm_kernels.c`` is compiled with the system C compiler (``$CC``, else ``cc``) as
+``-O3 -march=native -fPIC -shared`` into a cache directory (``$BAME_CACHE_DIR``, else
+``$XDG_CACHE_HOME/bame``, else ``~/.cache/bame``). The file name is keyed by a hash of the source, the
+compiler command and flags, the compiler's ``--version`` and the CPU model and flags, so a changed source,
+compiler or machine (a shared home directory) gets its own build. A build is written under a temporary
+name and moved into place with ``os.replace``, so concurrent processes (pytest-xdist workers, DDP ranks)
+never load a half-written library; a cached library that fails to load is rebuilt.
+
+Nothing here raises at import time: :func:`available` says whether the kernels can be used and
+:func:`unavailable_reason` why not (no compiler, a failed build, ``BAME_NATIVE=0``). The product functions
+raise ``NotImplementedError`` when the kernels are unavailable or the inputs are not float32 CPU tensors,
+which makes :func:`bame.kernels.choose_plan` skip the ``"native"`` formulations.
+
+Parallelism: ctypes releases the GIL during a call, so a call is split by row ranges over
+``torch.get_num_threads()`` Python threads (balanced by slot count) when the work is large enough. A row's
+result never depends on the split, so the output is bit-identical for any thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FLAGS",
+    "available",
+    "bag",
+    "cache_dir",
+    "check_inputs",
+    "gather_rows",
+    "sampled_dot",
+    "scatter_rows",
+    "take",
+    "to_tiles",
+    "token_tile",
+    "unavailable_reason",
+]
+
+SOURCE = Path(__file__).with_name("csrc") / "nm_kernels.c"
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+ABI_VERSION = 3  # must match nm_abi_version() in the C source
+#: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
+MIN_PARALLEL_WORK = 1 << 18
+#: Per-core L2 the token tiles are sized for (1 MiB on current Xeons).
+L2_BYTES = 1 << 20
+
+_lock = threading.Lock()
+_state: dict[tuple[str, ...], tuple[ctypes.CDLL | None, str | None]] = {}
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+# -- building and loading -------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where compiled libraries are kept: ``$BAME_CACHE_DIR``, ``$XDG_CACHE_HOME/bame`` or ``~/.cache/bame``."""
+    if os.environ.get("BAME_CACHE_DIR"):
+        return Path(os.environ["BAME_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bame"
+
+
+def _env_key() -> tuple[str, ...]:
+    """The environment a load depends on: a change (in tests, say) triggers a fresh look-up."""
+    return tuple(os.environ.get(k, "") for k in ("BAME_NATIVE", "CC", "BAME_CACHE_DIR", "XDG_CACHE_HOME"))
+
+
+def _cpu_fingerprint() -> str:
+    """CPU model and feature flags (``-march=native`` code is only valid on a matching CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read().splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(dict.fromkeys(lines))  # every core repeats them: keep one copy of each line
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
+def _compile(cc: list[str], target: Path) -> None:
+    """Compile the source into ``target`` atomically (temporary file + ``os.replace``)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        done = subprocess.run(
+            [*cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True, timeout=300, check=False
+        )
+        if done.returncode != 0 or not tmp.exists():
+            msg = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(f"C compiler failed ({shlex.join(cc)}): {msg[0] if msg else done.returncode}")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions (raises OSError on a bad or stale file)."""
+    lib = ctypes.CDLL(str(path))
+    lib.nm_abi_version.restype = ctypes.c_int64
+    if lib.nm_abi_version() != ABI_VERSION:
+        raise OSError(f"{path.name}: ABI version {lib.nm_abi_version()} != {ABI_VERSION}")
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.nm_bag_f32.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, i64, i64]
+    lib.nm_sampled_dot_f32.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, i64, i64]
+    lib.nm_to_tiles_f32.argtypes = [p, i64, i64, i64, p, i64, i64]
+    lib.nm_scatter_rows_f32.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
+    lib.nm_gather_rows_f32.argtypes = [p, i64, p, p, p, p, i64, i64]
+    lib.nm_take_f32.argtypes = [p, p, p, i64, i64]
+    for fn in (lib.nm_take_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32, lib.nm_scatter_rows_f32,
+               lib.nm_gather_rows_f32):
+        fn.restype = None
+    return lib
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """Build (if needed) and load the library: ``(lib, None)`` or ``(None, reason)``."""
+    if os.environ.get("BAME_NATIVE", "").strip() == "0":
+        return None, "disabled by BAME_NATIVE=0"
+    cc = shlex.split(os.environ.get("CC", "").strip() or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        return None, f"no C compiler ({cc[0] if cc else 'cc'}) found"
+    try:
+        source = SOURCE.read_text()
+    except OSError as e:
+        return None, f"kernel source missing: {e}"
+    try:
+        version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"C compiler ({cc[0]}) does not run: {e}"
+    h = hashlib.sha256()
+    for part in (source, shlex.join(cc), " ".join(FLAGS), version.stdout, _cpu_fingerprint()):
+        h.update(part.encode())
+        h.update(b"\0")
+    target = cache_dir() / f"nm_kernels-{h.hexdigest()[:20]}.so"
+    try:
+        if target.exists():
+            try:
+                return _open(target), None
+            except OSError:  # corrupt, truncated or stale: build it again below
+                pass
+        _compile(cc, target)
+        return _open(target), None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, " ".join(str(e).split())[:300]
+
+
+def _lib() -> ctypes.CDLL | None:
+    key = _env_key()
+    with _lock:
+        if key not in _state:
+            _state[key] = _load()
+        return _state[key][0]
+
+
+def available() -> bool:
+    """Whether the native kernels can run here (compiles them on the first call)."""
+    return _lib() is not None
+
+
+def unavailable_reason() -> str | None:
+    """One line on why the native kernels cannot run (None when they can)."""
+    _lib()
+    return _state[_env_key()][1]
+
+
+def _require() -> ctypes.CDLL:
+    lib = _lib()
+    if lib is None:
+        raise NotImplementedError(f"native N:M kernels unavailable: {unavailable_reason()}")
+    return lib
+
+
+# -- threading ----------------------------------------------------------------------------------------
+def _threads(work: int) -> int:
+    """How many threads a call of ``work`` multiply-adds uses."""
+    return max(1, min(torch.get_num_threads(), work // MIN_PARALLEL_WORK, 64))
+
+
+def _run_split(fn, off: Tensor, rows: int, work: int, threads: int | None = None) -> None:
+    """Run ``fn(r0, r1)`` over ``[0, rows)`` split into ranges of about equal slot counts (per ``off``)."""
+    global _pool, _pool_size
+    k = _threads(work) if threads is None else max(1, min(threads, rows))
+    if k <= 1 or rows <= 1:
+        fn(0, rows)
+        return
+    nnz = int(off[rows])
+    if nnz > 0:  # balance by slots (variable-length CSC bags), else by rows
+        cuts = torch.searchsorted(off[: rows + 1], torch.arange(1, k, dtype=torch.int64) * (nnz // k)).tolist()
+    else:
+        cuts = [rows * j // k for j in range(1, k)]
+    bounds = [0, *sorted(min(max(c, 0), rows) for c in cuts), rows]
+    with _lock:
+        if _pool is None or _pool_size < k - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="bame-native"), k - 1
+        pool = _pool
+    futures = [pool.submit(fn, bounds[j], bounds[j + 1]) for j in range(1, k) if bounds[j] < bounds[j + 1]]
+    fn(bounds[0], bounds[1])  # this thread takes the first range
+    for f in futures:
+        f.result()
+
+
+def check_inputs(*tensors: Tensor) -> None:
+    """Raise ``NotImplementedError`` unless the kernels are available and every tensor is float32 on the
+    CPU (the planner then skips the native formulations)."""
+    _require()
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise NotImplementedError(f"native kernels take float32 CPU tensors, not {t.dtype} on {t.device}")
+
+
+def _even_split(fn, count: int, work: int, threads: int | None = None) -> None:
+    """Run ``fn(q0, q1)`` over ``[0, count)`` cut into equal ranges (one per thread)."""
+    k = _threads(work) if threads is None else max(1, threads)
+    k = max(1, min(k, count))
+    off = torch.arange(k + 1, dtype=torch.int64) * count // k  # (k + 1,) range bounds
+    bounds = off.tolist()
+    _run_split(lambda a, b: fn(bounds[a], bounds[b]), off.clamp(max=count), k, work, k)
+
+
+# -- checks -------------------------------------------------------------------------------------------
+def _f32(*tensors: Tensor | None) -> None:
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise NotImplementedError(f"native kernels take float32 CPU tensors, not {t.dtype} on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError("native kernels need contiguous tensors")
+
+
+def _i64(t: Tensor) -> Tensor:
+    """An index tensor as contiguous int64 (the C kernels' index type)."""
+    return t.to(torch.int64).contiguous() if t.dtype != torch.int64 or not t.is_contiguous() else t
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _keep(slot_mask: Tensor | None) -> Tensor | None:
+    """A bool slot mask as flat bytes (bool storage is one 0/1 byte per element)."""
+    return None if slot_mask is None else slot_mask.reshape(-1).contiguous().view(torch.uint8)
+
+
+# -- products -----------------------------------------------------------------------------------------
+def token_tile(rows: int, tokens: int) -> int:
+    """Tokens per tile of a ``(rows, tile)`` table: 64, 32 or 16 floats, the widest whose table takes at
+    most half of :data:`L2_BYTES` (the other half for the streamed indices, weights and outputs); all
+    tokens when there are no more than that."""
+    tw = 64
+    while tw > 16 and rows * tw * 4 > L2_BYTES // 2:
+        tw //= 2
+    return max(1, min(tw, tokens))
+
+
+def to_tiles(a: Tensor, tw: int, threads: int | None = None) -> Tensor:
+    """``(T, R)`` -> the tiled transposed layout ``(ceil(T / tw), R, tw)``, zero past ``T`` (as
+    :func:`bame.kernels.tiles.to_tiles`, in one cache-blocked pass)."""
+    lib = _require()
+    _f32(a)
+    tokens, rows = a.shape
+    n_tiles = max(-(-tokens // tw), 1)
+    out = a.new_empty(n_tiles, rows, tw)
+    if tokens == 0:
+        return out.zero_()
+    off = torch.arange(rows + 1, dtype=torch.int64)  # balance by table rows
+
+    def run(r0: int, r1: int) -> None:
+        lib.nm_to_tiles_f32(a.data_ptr(), tokens, rows, tw, out.data_ptr(), r0, r1)
+
+    _run_split(run, off, rows, rows * n_tiles * tw // 4, threads)
+    return out
+
+
+def bag(
+    tiles: Tensor, tokens: int, idx: Tensor, off: Tensor, w: Tensor, wperm: Tensor | None = None,
+    transpose_out: bool = True, threads: int | None = None,
+) -> Tensor:
+    """Weighted row sums ``out[r] = sum_{p in [off[r], off[r+1])} w[q(p)] * table[idx[p]]``.
+
+    Args:
+        tiles: the ``(rows, T)`` table in the tiled layout ``(n_tiles, rows, tw)`` (:func:`to_tiles`).
+        tokens: ``T``.
+        idx: ``(nnz,)`` row of the table of every slot.
+        off: ``(bags + 1,)`` slot offsets of the bags.
+        w: the slot weights; ``q(p) = wperm[p]`` when ``wperm`` is given, else ``p``.
+        transpose_out: return ``(T, bags)`` (written directly in that layout) instead of ``(bags, T)``.
+        threads: split over this many threads (None: by work size, up to ``torch.get_num_threads()``).
+
+    Returns:
+        ``(T, bags)``, or ``(bags, T)`` without ``transpose_out``.
+    """
+    lib = _require()
+    _f32(tiles, w)
+    idx, off = _i64(idx), _i64(off)
+    wperm = None if wperm is None else _i64(wperm)
+    bags, (_, rows, tw) = off.numel() - 1, tiles.shape
+    out = tiles.new_empty((tokens, bags) if transpose_out else (bags, tokens))
+    ldr, ldt = (1, bags) if transpose_out else (tokens, 1)
+    args = (_ptr(tiles), rows, tokens, tw, _ptr(idx), _ptr(off), _ptr(w), _ptr(wperm), _ptr(out), ldr, ldt)
+
+    def run(r0: int, r1: int) -> None:
+        lib.nm_bag_f32(*args, r0, r1)
+
+    if tokens > 0:
+        _run_split(run, off, bags, idx.numel() * tokens, threads)
+    return out
+
+
+def sampled_dot(
+    a_tiles: Tensor, b_tiles: Tensor, tokens: int, idx: Tensor, off: Tensor, slot_mask: Tensor | None = None,
+    threads: int | None = None,
+) -> Tensor:
+    """``out[p] = <a[r], b[idx[p]]>`` (over the ``T`` tokens) for the slots ``p in [off[r], off[r+1])``.
+
+    Args:
+        a_tiles: ``(rows_a, T)`` float32 (``dY^T``) in the tiled layout ``(n_tiles, rows_a, tw)``.
+        b_tiles: ``(rows_b, T)`` float32 (``x^T``) in the same tiling.
+        tokens: ``T``.
+        idx: ``(nnz,)`` row of ``b`` of every slot (the weight's columns).
+        off: ``(rows_a + 1,)`` slot offsets.
+        slot_mask: optional bool per slot; False (padding) gives 0.
+
+    Returns:
+        ``(nnz,)`` float32.
+    """
+    lib = _require()
+    _f32(a_tiles, b_tiles)
+    if a_tiles.shape[0] != b_tiles.shape[0] or a_tiles.shape[2] != b_tiles.shape[2]:
+        raise ValueError(f"token tilings differ: {tuple(a_tiles.shape)} vs {tuple(b_tiles.shape)}")
+    idx, off, keep = _i64(idx), _i64(off), _keep(slot_mask)
+    out = a_tiles.new_zeros(idx.numel())
+    tw = a_tiles.shape[2]
+    args = (_ptr(a_tiles), a_tiles.shape[1], _ptr(b_tiles), b_tiles.shape[1], tokens, tw, _ptr(idx), _ptr(off),
+            _ptr(keep), _ptr(out))
+
+    def run(r0: int, r1: int) -> None:
+        lib.nm_sampled_dot_f32(*args, r0, r1)
+
+    if tokens > 0:
+        _run_split(run, off, off.numel() - 1, idx.numel() * tokens, threads)
+    return out
+
+
+def scatter_rows(
+    vals: Tensor, idx: Tensor, off: Tensor, shape: tuple[int, int], slot_mask: Tensor | None = None,
+    threads: int | None = None,
+) -> Tensor:
+    """A dense ``shape`` matrix, zero except ``dense[r, idx[p]] = vals[p]`` at (real) slots, in one pass."""
+    lib = _require()
+    _f32(vals)
+    idx, off, keep = _i64(idx), _i64(off), _keep(slot_mask)
+    dense = vals.new_empty(shape)
+    args = (_ptr(vals), _ptr(idx), _ptr(off), _ptr(keep), _ptr(dense), shape[1], shape[1])
+
+    def run(r0: int, r1: int) -> None:
+        lib.nm_scatter_rows_f32(*args, r0, r1)
+
+    _run_split(run, off, shape[0], shape[0] * shape[1] // 4, threads)
+    return dense
+
+
+def gather_rows(
+    dense: Tensor, idx: Tensor, off: Tensor, slot_mask: Tensor | None = None, threads: int | None = None
+) -> Tensor:
+    """``out[p] = dense[r, idx[p]]`` at the slots of every row (0 at padding): ``(nnz,)``."""
+    lib = _require()
+    _f32(dense)
+    idx, off, keep = _i64(idx), _i64(off), _keep(slot_mask)
+    out = dense.new_empty(idx.numel())
+    args = (_ptr(dense), dense.shape[1], _ptr(idx), _ptr(off), _ptr(keep), _ptr(out))
+
+    def run(r0: int, r1: int) -> None:
+        lib.nm_gather_rows_f32(*args, r0, r1)
+
+    _run_split(run, off, dense.shape[0], idx.numel() * 4, threads)
+    return out
+
+
+def take(src: Tensor, idx: Tensor, threads: int | None = None) -> Tensor:
+    """``src[idx]`` for a flat float32 ``src`` (``index_select`` split over threads): ``(len(idx),)``."""
+    lib = _require()
+    _f32(src)
+    idx = _i64(idx)
+    out = src.new_empty(idx.numel())
+    count = idx.numel()
+
+    def run(q0: int, q1: int) -> None:
+        lib.nm_take_f32(src.data_ptr(), idx.data_ptr(), out.data_ptr(), q0, q1)
+
+    _even_split(run, count, count * 8, threads)
+    return out

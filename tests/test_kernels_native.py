@@ -1,0 +1,183 @@
+"""bame.kernels.native: the C kernels against dense references, thread splits, NMLinearFunction with a native
+plan, and the fallbacks (no compiler, a corrupt cached library, ``BAME_NATIVE=0``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bame.kernels import Plan, choose_plan, clear_plan_cache, native, nm_linear, pack, unpack
+from bame.kernels.linear import dw_native, dx_native, fwd_native, native_tiles, scatter_values
+from bame.kernels.plan import random_nm_mask
+
+needs_cc = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+
+PATTERNS = [(1, 16), (2, 4), (1, 4), (2, 8)]
+TOKENS = [1, 7, 33, 64, 100]  # T = 1, odd, not a multiple of any tile, exactly one tile, several tiles
+
+
+def assert_close(got: Tensor, ref: Tensor) -> None:
+    """fp32 agreement relative to the reference's magnitude (the kernels sum in another order)."""
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * scale)
+
+
+def case(out: int, in_: int, n: int, m: int, tokens: int, padded: bool, seed: int = 0):
+    """Weight, mask (with some blocks holding fewer than N ones when ``padded``), packing, x, dY."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    w = torch.randn(out, in_, generator=g)
+    mask = random_nm_mask(out, in_, n, m)
+    if padded:
+        mask &= torch.rand(out, in_, generator=g) < 0.6
+    return w, mask, pack(w, mask, n, m), torch.randn(tokens, in_, generator=g), torch.randn(tokens, out, generator=g)
+
+
+@needs_cc
+@pytest.mark.parametrize("nm", PATTERNS, ids=lambda p: f"{p[0]}:{p[1]}")
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def test_products_match_dense(nm: tuple[int, int], tokens: int, padded: bool) -> None:
+    n, m = nm
+    w, mask, p, x, dy = case(24, 8 * m, n, m, tokens, padded, seed=tokens)
+    if padded:
+        assert p.slot_mask is not None
+    wm = w * mask
+    assert_close(fwd_native(x, p), F.linear(x, wm))
+    assert_close(dx_native(dy, p), dy @ wm)
+    grad = dw_native(dy, x, p)
+    assert grad.shape == p.indices.shape
+    assert_close(scatter_values(grad, p), (dy.t() @ x) * mask)
+    if p.slot_mask is not None:
+        assert bool((grad[~p.slot_mask] == 0).all())  # padding slots get no gradient
+
+
+@needs_cc
+@pytest.mark.parametrize("rows", [4096, 1024, 8])
+def test_token_tile(rows: int) -> None:
+    tw = native.token_tile(rows, 256)
+    assert tw in (16, 32, 64) and rows * tw * 4 <= max(native.L2_BYTES // 2, rows * 16 * 4)
+    assert native.token_tile(rows, 5) == 5
+    x = torch.randn(37, rows)
+    tiles = native.to_tiles(x, 16)
+    assert tiles.shape == (3, rows, 16)
+    assert torch.equal(tiles.transpose(1, 2).reshape(48, rows)[:37], x)
+    assert bool((tiles[2, :, 5:] == 0).all())  # tokens past T are zero
+
+
+@needs_cc
+def test_thread_split_is_bit_identical() -> None:
+    w, mask, p, x, dy = case(96, 256, 1, 4, 70, padded=True, seed=3)
+    perm, rows, crow = p.transposed()
+    xt, dyt = native_tiles(x, p), native_tiles(dy, p)
+    vals = p.values.reshape(-1).contiguous()
+    for threads in (2, 3, 5):
+        assert torch.equal(native.bag(xt, 70, p.cols, p.row_ptr(), vals, threads=threads),
+                           native.bag(xt, 70, p.cols, p.row_ptr(), vals, threads=1))
+        wt = native.take(vals, perm, threads=threads)
+        assert torch.equal(wt, vals[perm])
+        assert torch.equal(native.bag(dyt, 70, rows, crow, wt, threads=threads),
+                           native.bag(dyt, 70, rows, crow, wt, threads=1))
+        assert torch.equal(native.sampled_dot(dyt, xt, 70, p.cols, p.row_ptr(), p.slot_mask, threads=threads),
+                           native.sampled_dot(dyt, xt, 70, p.cols, p.row_ptr(), p.slot_mask, threads=1))
+        dense = native.scatter_rows(vals, p.cols, p.row_ptr(), p.shape, p.slot_mask, threads=threads)
+        assert torch.equal(dense, unpack(p))
+        assert torch.equal(native.gather_rows(w, p.cols, p.row_ptr(), p.slot_mask, threads=threads),
+                           p.gather_values(w).reshape(-1))
+        assert torch.equal(native.to_tiles(x, 32, threads=threads), native.to_tiles(x, 32, threads=1))
+
+
+@needs_cc
+def test_other_dtypes_are_not_implemented() -> None:
+    _, _, p, x, _ = case(8, 32, 1, 4, 3, padded=False)
+    with pytest.raises(NotImplementedError):
+        fwd_native(x.double(), pack(torch.randn(8, 32).double(), torch.ones(8, 32).bool() & (unpack(p) != 0), 1, 4))
+
+
+def grads(fn, x: Tensor, w: Tensor, b: Tensor, gy: Tensor) -> tuple[Tensor, ...]:
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = fn(x, w, b)
+    y.backward(gy)
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+@needs_cc
+@pytest.mark.parametrize("plan", [Plan("native", "native", "native"), Plan("native", "embag", "native"),
+                                  Plan("dense", "native", "sampled"), Plan("embag", "dense", "native")],
+                         ids=lambda p: f"{p.fwd}-{p.dx}-{p.dw}")
+@pytest.mark.parametrize("nm", [(1, 16), (2, 4)], ids=["1:16", "2:4"])
+@pytest.mark.parametrize("padded_bwd", [False, True], ids=["fwd-mask", "bwd-mask"])
+def test_function_matches_masked_dense(plan: Plan, nm: tuple[int, int], padded_bwd: bool) -> None:
+    n, m = nm
+    w, mask, pf, x, gy = case(40, 128, n, m, 37, padded=False, seed=5)
+    x = x.view(37, 1, 128)
+    gy = gy.view(37, 1, 40)
+    b = torch.randn(40)
+    mask_bwd = mask & (torch.rand(mask.shape, generator=torch.Generator().manual_seed(9)) < 0.5)
+    pb = pack(w, mask_bwd, n, m) if padded_bwd else None
+    got = grads(lambda a, ww, bb: nm_linear(a, ww, pf, pb, bb, plan), x, w, b, gy)
+    y, dx, dw, db = grads(lambda a, ww, bb: F.linear(a, ww * mask, bb), x, w, b, gy)
+    if padded_bwd:
+        dx = gy @ (w * mask_bwd)
+    for g, r in zip(got, (y, dx, dw, db), strict=True):
+        assert_close(g, r)
+    # the dense weight gradient of an update iteration
+    _, _, dw_full, _ = grads(lambda a, ww, bb: nm_linear(a, ww, pf, pb, bb, plan, True), x, w, b, gy)
+    assert_close(dw_full, gy.reshape(37, 40).t() @ x.reshape(37, 128))
+
+
+@needs_cc
+def test_choose_plan_times_native() -> None:
+    clear_plan_cache()
+    plan = choose_plan(64, 256, 1, 16, batch_tokens=40, repeats=1, warmup=0, use_cache=False)
+    for product in ("fwd", "dx", "dw"):
+        assert "native" in plan.timings_ms[product]
+
+
+# -- fallbacks ------------------------------------------------------------------------------------------
+def test_missing_compiler_falls_back(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("BAME_NATIVE", raising=False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("BAME_CACHE_DIR", str(tmp_path / "cache"))
+    assert not native.available()
+    reason = native.unavailable_reason()
+    assert reason is not None and "no C compiler" in reason and "\n" not in reason
+    _, _, p, x, _ = case(8, 32, 1, 4, 3, padded=False)
+    with pytest.raises(NotImplementedError):
+        fwd_native(x, p)
+    plan = choose_plan(16, 64, 1, 16, batch_tokens=8, repeats=1, warmup=0, use_cache=False)
+    assert "native" not in plan.timings_ms["fwd"] and plan.fwd != "native"
+    assert not list((tmp_path / "cache").glob("*.so")) if (tmp_path / "cache").exists() else True
+
+
+def test_disabled_by_env(monkeypatch) -> None:
+    monkeypatch.setenv("BAME_NATIVE", "0")
+    assert not native.available()
+    assert native.unavailable_reason() == "disabled by BAME_NATIVE=0"
+
+
+@needs_cc
+def test_build_is_cached_and_corrupt_library_rebuilt(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("BAME_CACHE_DIR", str(tmp_path))
+    assert native.available()
+    (lib,) = tmp_path.glob("nm_kernels-*.so")
+    assert not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]  # the temporary was moved into place
+    # A new file replaces it (writing into the mapped library of this process would crash it).
+    corrupt = tmp_path / "corrupt"
+    corrupt.write_bytes(b"not a shared library")
+    os.replace(corrupt, lib)
+    # A fresh process (this one keeps the old library mapped) finds the corrupt file and rebuilds it.
+    code = "from bame.kernels import native; assert native.available(), native.unavailable_reason()"
+    env = {**os.environ, "BAME_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert lib.stat().st_size > 1000  # rebuilt in place
+    _, mask, p, x, _ = case(8, 32, 1, 4, 3, padded=False)
+    assert_close(fwd_native(x, p), F.linear(x, unpack(p)))
