@@ -8,7 +8,7 @@ See :func:`bame.sparsify` and ``bame.methods.available()``.
 
 from bame.errors import BameError
 from bame.export import load_compressed
-from bame.sparsifier import Sparsifier, SparseLayer, sparsify
+from bame.sparsifier import SparseLayer, Sparsifier, sparsify
 
 __version__ = "0.1.0"
 

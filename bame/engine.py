@@ -282,7 +282,8 @@ def train_epoch(run: Run, scaler: Any) -> None:
             check_masks_agree(run)
         elapsed = time.perf_counter() - started
         bar.update(1)
-        bar.set_postfix(loss=f"{run.partial[0] / run.partial[2]:.3f}", top1=f"{100 * run.partial[1] / run.partial[2]:.1f}",
+        epoch_loss, epoch_correct, epoch_seen = run.partial
+        bar.set_postfix(loss=f"{epoch_loss / epoch_seen:.3f}", top1=f"{100 * epoch_correct / epoch_seen:.1f}",
                         img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
         if run.sparsifier.step >= run.total_steps or _stop_requested(run):
             break

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(ap, "results/bench_memory.json", default_repeats=1)
     ap.add_argument("--nm", default="2:4", help="the N:M pattern of every method")
-    ap.add_argument("--models", default="resnet32,mlp", help="comma-separated: resnet32, mlp")
+    ap.add_argument("--models", default="resnet32,mlp,vit", help="comma-separated: resnet32, mlp, vit")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)  # internal: one measurement
     return ap.parse_args(argv)

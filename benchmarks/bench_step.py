@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--inner", type=int, default=1, help="consecutive steps per sample (their mean)")
     ap.add_argument("--nm", default="2:4", help="the N:M pattern of every method")
-    ap.add_argument("--models", default="resnet32,mlp", help="comma-separated: resnet32, mlp")
-    ap.add_argument("--batch", type=int, default=128, help="images (resnet32) or token rows (mlp) per batch")
+    ap.add_argument("--models", default="resnet32,mlp,vit", help="comma-separated: resnet32, mlp, vit")
+    ap.add_argument("--batch", type=int, default=128,
+                    help="images per batch (one token row each for the mlp, 65 tokens for the vit)")
     ap.add_argument("--profile", default="", help="after timing, profile this method's iterations and dense")
     ap.add_argument("--profile-steps", type=int, default=3)
     return ap.parse_args(argv)

@@ -331,20 +331,24 @@ def log(msg: str) -> None:
 
 
 def workloads(args: argparse.Namespace) -> list[Workload]:
-    """ResNet-32 on CIFAR-shaped batches; the mlp: 1024 -> 4096 -> 1024 Linear blocks.
+    """ResNet-32 on CIFAR-shaped batches; the mlp: 1024 -> 4096 -> 1024 Linear blocks; a small ViT.
 
     The mlp with ``patch_size=None`` treats each 3x32x32 image as one token (a 3072-wide row): its
     ``embed`` Linear maps it to 1024, then ``depth`` pre-norm blocks 1024 -> 4096 -> 1024. So a batch of
-    ``--batch`` images is ``--batch`` token rows through every Linear layer.
+    ``--batch`` images is ``--batch`` token rows through every Linear layer: the weight-bound extreme, where
+    every pass over the weights shows. The vit is ``vit_tiny`` (6 blocks, width 192) on 4x4 patches: 65
+    tokens per image, as a transformer sees them.
     """
     if args.quick:
         table = {
             "resnet32": Workload("resnet32", "resnet32", {}, batch=2, image_size=16),
             "mlp": Workload("mlp", "mlp", {"dim": 64, "depth": 1, "mlp_ratio": 4}, batch=8),
+            "vit": Workload("vit", "vit_tiny", {"patch_size": 4, "depth": 1}, batch=2, image_size=8),
         }
     else:
         table = {
             "resnet32": Workload("resnet32", "resnet32", {}, batch=args.batch),
             "mlp": Workload("mlp", "mlp", {"dim": 1024, "depth": 2, "mlp_ratio": 4}, batch=args.batch),
+            "vit": Workload("vit", "vit_tiny", {"patch_size": 4}, batch=args.batch),
         }
     return [table[name.strip()] for name in args.models.split(",") if name.strip()]

@@ -33,9 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from bame import config, engine, methods, report
-
     import torch
+
+    from bame import config, engine, methods, report
 
     # These models are tiny: one intra-op thread is as fast as two on an idle machine and many times
     # faster on a busy one, where spinning OpenMP threads fight over the cores.
