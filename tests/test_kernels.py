@@ -13,17 +13,18 @@ from torch import Tensor
 
 from bame.errors import ConfigError
 from bame.kernels import NMLinearFunction, Plan, choose_plan, clear_plan_cache, native, nm_linear, pack, unpack
+from bame.kernels.linear import CUDA_ONLY, dw_full, fwd_semi_structured, scatter_values
 from bame.kernels.linear import FORWARD as ALL_FORWARD
 from bame.kernels.linear import INPUT_GRAD as ALL_INPUT_GRAD
 from bame.kernels.linear import WEIGHT_GRAD as ALL_WEIGHT_GRAD
-from bame.kernels.linear import dw_full, scatter_values
 from bame.kernels.plan import random_nm_mask, tokens_bucket
 from bame.kernels.tiles import auto_tile, from_tiles, to_tiles
 
 
 def _usable(formulations: dict) -> dict:
-    """Every registered formulation, less the native ones where no C compiler is available."""
-    return {k: v for k, v in formulations.items() if k != "native" or native.available()}
+    """Every registered formulation, less the native ones without a C compiler and the CUDA-only ones."""
+    return {k: v for k, v in formulations.items()
+            if (k != "native" or native.available()) and k not in CUDA_ONLY}
 
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = _usable(ALL_FORWARD), _usable(ALL_INPUT_GRAD), _usable(ALL_WEIGHT_GRAD)
@@ -261,3 +262,11 @@ def test_choose_plan_valid_and_cached() -> None:
     assert_close(nm_linear(x, w, pack(w, mask, 1, 16), plan=plan), F.linear(x, w * mask))
     with pytest.raises(ConfigError):
         choose_plan(64, 100, 1, 16, batch_tokens=8)
+
+
+def test_semi_structured_forward_is_skipped_where_it_cannot_run() -> None:
+    w, mask, x, _ = case(64, 64, 2, 4, 8, seed=0)
+    with pytest.raises(NotImplementedError, match="CUDA only"):
+        fwd_semi_structured(x, pack(w, mask, 2, 4))
+    plan = choose_plan(64, 64, 2, 4, batch_tokens=8, repeats=1, warmup=0, use_cache=False)
+    assert "semi_structured" not in plan.timings_ms["fwd"] and plan.fwd != "semi_structured"

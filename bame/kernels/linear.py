@@ -47,8 +47,10 @@ __all__ = [
     "fwd_embag",
     "fwd_embag_tiles",
     "fwd_native",
+    "fwd_semi_structured",
     "nm_linear",
     "scatter_values",
+    "semi_structured_problem",
 ]
 
 
@@ -248,8 +250,41 @@ def scatter_values_native(grad_values: Tensor, packed: Packed) -> Tensor:
     )
 
 
+def semi_structured_problem(x: Tensor, packed: Packed) -> str | None:
+    """Why PyTorch's semi-structured (2:4) sparse tensors cannot compute this layer's forward, or None."""
+    if x.device.type != "cuda":
+        return "semi-structured 2:4 runs on CUDA only"
+    if not ((packed.m % 4 == 0 and packed.n <= 2) or (packed.m == 2 and packed.n == 1)):
+        return f"{packed.n}:{packed.m} does not keep at most 2 of every 4 consecutive weights"
+    if not hasattr(torch.sparse, "to_sparse_semi_structured"):
+        return "this PyTorch has no torch.sparse.to_sparse_semi_structured"
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return "semi-structured 2:4 needs compute capability 8.0 or newer"
+    return None
+
+
+def fwd_semi_structured(x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``y = x @ (W*B)^T`` on CUDA with ``torch.sparse.to_sparse_semi_structured`` (the GPU's 2:4 units).
+
+    The weight is compressed on every call (its values change at every step), so whether this beats the
+    dense GEMM is for the planner to measure. Raises ``NotImplementedError`` where it cannot run (CPU, a
+    pattern that is not 2:4-compatible, an old GPU or PyTorch) and PyTorch's ``RuntimeError`` for an
+    unsupported dtype or shape; either makes the planner skip it. ``tile`` is ignored.
+    """
+    problem = semi_structured_problem(x, packed)
+    if problem is not None:
+        raise NotImplementedError(problem)
+    weight = torch.sparse.to_sparse_semi_structured(unpack(packed).to(x.dtype))  # (out, in), compressed
+    return F.linear(x, weight)
+
+
 ProductFn = Callable[[Tensor, Packed, int], Tensor]
-FORWARD: dict[str, ProductFn] = {"dense": fwd_dense, "embag": fwd_embag, "csr": fwd_csr, "native": fwd_native}
+FORWARD: dict[str, ProductFn] = {
+    "dense": fwd_dense, "embag": fwd_embag, "csr": fwd_csr, "native": fwd_native,
+    "semi_structured": fwd_semi_structured,
+}
+#: Formulations that can only run on a GPU (the planner skips them elsewhere).
+CUDA_ONLY = frozenset({"semi_structured"})
 INPUT_GRAD: dict[str, ProductFn] = {"dense": dx_dense, "embag": dx_embag, "csr": dx_csr, "native": dx_native}
 WEIGHT_GRAD: dict[str, Callable[[Tensor, Tensor, Packed, int], Tensor]] = {
     "dense": dw_dense,
