@@ -270,3 +270,39 @@ def test_semi_structured_forward_is_skipped_where_it_cannot_run() -> None:
         fwd_semi_structured(x, pack(w, mask, 2, 4))
     plan = choose_plan(64, 64, 2, 4, batch_tokens=8, repeats=1, warmup=0, use_cache=False)
     assert "semi_structured" not in plan.timings_ms["fwd"] and plan.fwd != "semi_structured"
+
+
+@pytest.mark.parametrize("plan", [Plan("dense", "dense", "dense"), Plan("embag", "dense", "sampled"),
+                                  Plan("dense", "embag", "dense")], ids=["all-dense", "fwd-sparse", "dx-sparse"])
+@pytest.mark.parametrize("dense_wgrad", [False, True])
+def test_masked_weight_shortcut_equals_unpacking(plan: Plan, dense_wgrad: bool) -> None:
+    w, mask, x, dy = case(24, 32, 1, 4, 9, seed=3)
+    p = pack(w, mask, 1, 4)
+    results = []
+    for masked in (False, True):  # the dense products unpack the values, or use the masked weight itself
+        ww = (w * mask).requires_grad_()
+        xx = x.clone().requires_grad_()
+        b = torch.zeros(24, requires_grad=True)
+        y = nm_linear(xx, ww, p, None, b, plan, dense_wgrad, masked)
+        y.backward(dy)
+        results.append((y.detach(), xx.grad, ww.grad, b.grad))
+    for got, ref in zip(results[1], results[0]):
+        assert_close(got, ref)
+    assert_close(results[0][0], F.linear(x, w * mask))
+
+
+def test_plan_falls_back_to_dense_when_the_layer_gains_too_little(monkeypatch) -> None:
+    from bame.kernels import plan as plan_module
+
+    def fake_measure(cands, device, repeats, warmup):  # one product a bit faster sparse, the rest not
+        names = list(cands)
+        if "semi_structured" in names:  # the forward (its only product): dense 10 ms, native 8 ms
+            return {k: 8.0 if k == "native" else 10.0 for k in names}
+        return {k: 10.0 if k == "dense" else 30.0 for k in names}
+
+    monkeypatch.setattr(plan_module, "_measure", fake_measure)
+    chosen = choose_plan(64, 64, 1, 4, batch_tokens=8, use_cache=False)
+    assert chosen.is_dense and "would save 7%" in chosen.reason  # 28 of 30 ms: under the 10% margin
+    monkeypatch.setattr(plan_module, "_measure", lambda cands, *a: {k: 10.0 if k == "dense" else 2.0 for k in cands})
+    chosen = choose_plan(64, 64, 1, 4, batch_tokens=8, use_cache=False)
+    assert not chosen.is_dense and "5.0x" in chosen.reason

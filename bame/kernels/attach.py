@@ -78,7 +78,7 @@ class _LayerKernel:
         dense_wgrad = method.charge(t, self.layer).dw >= 1.0  # the method needs the dense G this step
         weight = module.weight.reshape(self.layer.shape[0], -1)  # effective W*B (or soft values), STE grad
         y = NMLinearFunction.apply(tokens, weight, self.packed, self.packed_bwd, module.bias, self.plan,
-                                   dense_wgrad)
+                                   dense_wgrad, True)
         return y.permute(0, 3, 1, 2) if is_conv else y
 
 

@@ -145,8 +145,7 @@ def dw_dense(dy: Tensor, x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
 def dw_dense_masked(dy: Tensor, x: Tensor, packed: Packed) -> Tensor:
     """``(dY^T @ x) * B`` as a dense ``(out, in)`` tensor, masked in place (no second dense allocation)."""
     full = dy.t() @ x  # (out, in)
-    kept = _masked(torch.gather(full, 1, packed.cols2d).view_as(packed.indices), packed)
-    return full.zero_().scatter_(1, packed.cols2d, kept.view(packed.shape[0], -1))
+    return full.mul_(packed.dense_mask(full.dtype))  # one pass with the structure's cached 0/1 mask
 
 
 def dw_sampled_tiles(dy_tiles: Tensor, x_tiles: Tensor, packed: Packed) -> Tensor:
@@ -317,10 +316,18 @@ class NMLinearFunction(torch.autograd.Function):
         bias: Tensor | None,
         plan: Plan | None,
         dense_wgrad: bool,
+        weight_is_masked: bool = False,
     ) -> Tensor:
-        """Compute ``y (..., out)`` from ``x (..., in)``; see the class docstring."""
-        fwd, _, dw_name, tile = _names(plan)
+        """Compute ``y (..., out)`` from ``x (..., in)``; see the class docstring.
+
+        ``weight_is_masked`` promises that ``weight`` is zero outside the forward packing (it is the
+        parametrization's ``W*B``): dense products then use it as it is instead of unpacking the values.
+        """
+        fwd, dx_name, dw_name, tile = _names(plan)
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        # A dense product uses ``weight`` itself: it *is* W*B (the parametrization's output), so there is
+        # nothing to unpack; only an input gradient through a separate backward mask needs W*B_bwd.
+        dense_dx = weight_is_masked and ctx.needs_input_grad[0] and dx_name == "dense" and packed_bwd is None
         tokens = x2.shape[0]
         tile = tile or layer_tile(packed_fwd.shape, tokens, x2)
         sparse_dw = ctx.needs_input_grad[1] and not dense_wgrad
@@ -337,7 +344,9 @@ class NMLinearFunction(torch.autograd.Function):
             if bias is not None:
                 y2.add_(bias)
         else:
-            if fwd in FORWARD_TILES:
+            if fwd == "dense" and weight_is_masked:
+                y2 = F.linear(x2, weight.to(x.dtype))  # (T, out)
+            elif fwd in FORWARD_TILES:
                 y2 = from_tiles(FORWARD_TILES[fwd](x_tiles, pf), tokens)  # (T, out)
             else:
                 y2 = FORWARD[fwd](x2, pf, tile)  # (T, out)
@@ -345,7 +354,7 @@ class NMLinearFunction(torch.autograd.Function):
                 y2 = y2 + bias
         # Keep only the layout of x that the weight gradient will read (none if the weight is frozen).
         saved_x = (x_nt if native_dw else x_tiles if tiled_dw else x2) if ctx.needs_input_grad[1] else None
-        ctx.save_for_backward(saved_x, vals_fwd, vals_bwd)
+        ctx.save_for_backward(saved_x, vals_fwd, vals_bwd, weight if dense_dx else None)
         ctx.packed, ctx.plan_names = (packed_fwd, packed_bwd), (fwd, *_names(plan)[1:3], tile)
         ctx.dense_wgrad, ctx.x_shape, ctx.w_dtype = dense_wgrad, x.shape, weight.dtype
         return y2.view(*x.shape[:-1], packed_fwd.shape[0])
@@ -353,7 +362,7 @@ class NMLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         """``dX`` with the backward packing (else the forward one), ``dW`` (kept slots or dense), ``db``."""
-        saved_x, vals_fwd, vals_bwd = ctx.saved_tensors
+        saved_x, vals_fwd, vals_bwd, dense_weight = ctx.saved_tensors
         packed_fwd, packed_bwd = ctx.packed
         _, dx_name, dw_name, tile = ctx.plan_names
         dy2 = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
@@ -371,7 +380,9 @@ class NMLinearFunction(torch.autograd.Function):
             p_dx = (
                 packed_fwd.with_values(vals_fwd) if packed_bwd is None else packed_bwd.with_values(vals_bwd)
             )
-            if native_dx:
+            if dense_weight is not None:
+                dx = dy2 @ dense_weight.to(dy2.dtype)  # (T, in)
+            elif native_dx:
                 dx = dx_native_tiles(dy_nt, tokens, p_dx)  # (T, in)
             elif tiled_dx:
                 dx = from_tiles(INPUT_GRAD_TILES[dx_name](dy_tiles, p_dx), tokens)  # (T, in)
@@ -393,7 +404,7 @@ class NMLinearFunction(torch.autograd.Function):
             dw = dw.to(ctx.w_dtype)
         if ctx.needs_input_grad[4]:
             db = dy2.sum(0)  # (out,)
-        return dx, dw, None, None, db, None, None
+        return dx, dw, None, None, db, None, None, None
 
 
 def _scatter(grad_values: Tensor, packed: Packed) -> Tensor:
@@ -418,6 +429,7 @@ def nm_linear(
     bias: Tensor | None = None,
     plan: Plan | None = None,
     dense_wgrad: bool = False,
+    weight_is_masked: bool = False,
 ) -> Tensor:
     """Functional form of :class:`NMLinearFunction`: ``x @ (W*B)^T + b`` with sparse products."""
-    return NMLinearFunction.apply(x, weight, packed_fwd, packed_bwd, bias, plan, dense_wgrad)
+    return NMLinearFunction.apply(x, weight, packed_fwd, packed_bwd, bias, plan, dense_wgrad, weight_is_masked)

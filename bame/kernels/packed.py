@@ -111,6 +111,19 @@ class Packed:
             buf.zero_()
         return buf.scatter_(1, self.cols2d, self.values2d)
 
+    def dense_mask(self, dtype: torch.dtype) -> Tensor:
+        """The mask as a 0/1 ``(out, in)`` tensor of ``dtype`` (1 at real slots), cached with the structure."""
+        key = f"mask:{dtype}"
+        if key not in self._cache:
+            ones = (
+                torch.ones(self.cols.numel(), dtype=dtype, device=self.cols.device)
+                if self.slot_mask is None
+                else self.slot_mask.reshape(-1).to(dtype)
+            )
+            dense = torch.zeros(self.shape, dtype=dtype, device=self.cols.device)
+            self._cache[key] = dense.scatter_(1, self.cols2d, ones.view(self.shape[0], -1))
+        return self._cache[key]
+
     def row_ptr(self) -> Tensor:
         """CSR ``crow_indices`` of the ``(out, in)`` structure: ``arange(out + 1) * K`` (padding included)."""
         if "crow" not in self._cache:

@@ -186,7 +186,15 @@ def choose_plan(
     }
     picks = {product: _pick(t, margin) for product, t in timings.items()}
     head = f"{n}:{m} {out}x{in_} T={tokens}"
-    plan = Plan(**picks, tile=0, reason=_reason(head, picks, timings), timings_ms=timings)
+    reason = _reason(head, picks, timings)
+    # The sparse path has fixed costs of its own (a gather of the values, transposed copies of x and dY):
+    # unless the picks save `margin` on the whole layer, the module's own dense forward is faster.
+    dense_total = sum(t["dense"] for t in timings.values())
+    picked_total = sum(timings[product][name] for product, name in picks.items())
+    if any(v != "dense" for v in picks.values()) and picked_total * margin >= dense_total:
+        reason = f"{head}: dense (the sparse products would save {1 - picked_total / dense_total:.0%} of the layer)"
+        picks = dict.fromkeys(picks, "dense")
+    plan = Plan(**picks, tile=0, reason=reason, timings_ms=timings)
     if use_cache:
         _CACHE[key] = plan
     return plan
