@@ -6,7 +6,8 @@ interleaved (median of ``--repeats`` after warm-up):
 * fwd   ``F.linear(x, W)``             vs. the plan's forward formulation
 * dX    ``dY @ W``                     vs. the plan's input-gradient formulation
 * dW    ``dY^T @ x`` (dense)           vs. the plan's weight gradient at kept slots (values only)
-* step  ``F.linear`` autograd fwd+bwd  vs. ``NMLinearFunction`` fwd+bwd (dW scattered into a dense grad)
+* step  ``F.linear`` autograd fwd+bwd  vs. ``NMLinearFunction`` fwd+bwd (dW scattered into a dense grad), or
+        ``F.linear`` again when the plan is all dense (what ``kernel="sparse"`` then runs)
 * step* the same with ``dense_wgrad=True`` (a mask-update iteration)
 
 The dense baseline uses a weight that is already masked (no ``W*B`` product), so ratios are conservative.
@@ -77,8 +78,12 @@ def candidates(
         "dw/dense": lambda: dy.t() @ xd,
         "dw/sparse": lambda: WEIGHT_GRAD[plan.dw](dy, xd, packed),
         "step/dense": step(lambda: F.linear(x, w, b)),
-        "step/sparse": step(lambda: nm_linear(x, w, packed, None, b, plan, False)),
-        "step*/sparse": step(lambda: nm_linear(x, w, packed, None, b, plan, True)),
+        # As `kernel="sparse"` runs a layer: the module's own dense forward when the plan is all dense, else
+        # NMLinearFunction on the masked weight (the parametrization's W*B).
+        "step/sparse": step(lambda: F.linear(x, w, b) if plan.is_dense else nm_linear(x, w, packed, None, b, plan,
+                                                                                      False, True)),
+        "step*/sparse": step(lambda: F.linear(x, w, b) if plan.is_dense else nm_linear(x, w, packed, None, b, plan,
+                                                                                       True, True)),
     }
     return plan.to_dict(), cands
 
