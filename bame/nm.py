@@ -26,6 +26,7 @@ from bame.errors import ConfigError
 GROUP_AXES = ("cin", "kflat")
 _ALL_AXES = ("cin", "kflat", "out")
 _PAIRWISE_MAX_M = 4  # up to this block size a round robin of comparisons beats argmax passes and sorts
+_NATIVE_MIN_NUMEL = 1 << 15  # from this many scores the native top-N kernel (when built) beats the others
 _ARGMAX_MAX_N = 4  # above this a stable sort of each block is faster than N argmax passes
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -110,15 +111,16 @@ def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, ...], group
     return blocks.reshape(permuted).movedim(-1, 0)
 
 
-def topn_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
+def topn_mask(scores: torch.Tensor, n: int, magnitude: bool = False) -> torch.Tensor:
     """Keep the N largest scores of every block.
 
     Ties break towards the lower index within the block, deterministically (a stable descending sort
-    keeps equal scores in index order). NaN scores sort as the largest values.
+    keeps equal scores in index order). NaN scores sort as the largest values; -0.0 equals +0.0.
 
     Args:
         scores: ``(K, M)`` block scores.
         n: entries to keep per block, 0 <= n <= M.
+        magnitude: rank ``|scores|`` instead.
 
     Returns:
         bool ``(K, M)`` with exactly n True per row.
@@ -131,6 +133,11 @@ def topn_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
         return mask.fill_(True)
     if n == 0:
         return mask
+    fast = _native_topn(scores.view(k, m, 1) if scores.is_contiguous() else None, n, magnitude)
+    if fast is not None:
+        return fast.view(k, m)
+    if magnitude:
+        scores = scores.abs()
     if m <= _PAIRWISE_MAX_M and _no_nan(scores):
         return _topn_round_robin(scores.unsqueeze(-1), n).squeeze(-1)
     if n <= _ARGMAX_MAX_N and scores.is_floating_point() and not torch.isneginf(scores).any():
@@ -146,22 +153,47 @@ def topn_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
     return mask.scatter_(-1, order[:, :n], True)
 
 
+def _native_topn(scores: torch.Tensor | None, n: int, magnitude: bool) -> torch.Tensor | None:
+    """The native kernel's top-N of a contiguous float32 CPU ``(G, M, R)`` tensor (the same selection), or
+    None where it does not apply: other dtypes and devices, M above its limit, small tensors (where a
+    call's overhead outweighs it), or no native kernels here."""
+    if (
+        scores is None
+        or scores.device.type != "cpu"
+        or scores.dtype != torch.float32
+        or scores.numel() < _NATIVE_MIN_NUMEL
+        or scores.requires_grad
+    ):
+        return None
+    from bame.kernels import native  # lazy: bame.kernels imports this module
+
+    if scores.shape[1] > native.TOPN_MAX_M or not native.available():
+        return None
+    return native.topn_mask(scores, n, magnitude)
+
+
 def _no_nan(scores: torch.Tensor) -> bool:
     """True when no score is NaN. Conservative and cheap: one sum (a NaN, or inf - inf, makes it NaN)."""
     return not (scores.is_floating_point() and bool(torch.isnan(scores.sum())))
 
 
-def topn_mask_grouped(scores: torch.Tensor, n: int) -> torch.Tensor:
+def topn_mask_grouped(scores: torch.Tensor, n: int, magnitude: bool = False) -> torch.Tensor:
     """Keep the N largest of every group along dim 1 of a ``(G, M, R)`` score tensor, ties to the lower index.
 
     The same selection as :func:`topn_mask` on the ``(G*R, M)`` blocks ``scores.movedim(1, -1)``, without
     that copy: groups of M consecutive output channels of an ``[out, rest]`` weight are its
-    ``(out/M, M, rest)`` view.
+    ``(out/M, M, rest)`` view. With ``magnitude``, ``|scores|`` is ranked.
 
     Returns:
         bool ``(G, M, R)``, contiguous, exactly N True along dim 1.
     """
     g, m, r = scores.shape
+    if 0 < n < m:
+        fast = _native_topn(scores if scores.is_contiguous() else None, n, magnitude)
+        if fast is not None:
+            return fast
+    if magnitude:
+        scores = scores.abs()
     if m <= _PAIRWISE_MAX_M and 0 < n < m and _no_nan(scores):
         return _topn_round_robin(scores, n)
     return topn_mask(scores.movedim(1, -1).reshape(-1, m), n).view(g, r, m).movedim(-1, 1).contiguous()

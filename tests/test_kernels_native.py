@@ -181,3 +181,74 @@ def test_build_is_cached_and_corrupt_library_rebuilt(monkeypatch, tmp_path) -> N
     assert lib.stat().st_size > 1000  # rebuilt in place
     _, mask, p, x, _ = case(8, 32, 1, 4, 3, padded=False)
     assert_close(fwd_native(x, p), F.linear(x, unpack(p)))
+
+
+# -- top-N masks --------------------------------------------------------------------------------------
+def _stable_topn(blocks: Tensor, n: int) -> Tensor:
+    """Reference: a stable descending sort of every ``(K, M)`` block (NaN largest), the first n kept."""
+    order = torch.sort(blocks, dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, order[:, :n], True)
+
+
+def _awkward_scores(k: int, m: int, seed: int) -> Tensor:
+    """Few distinct values (many ties), with NaN, +-inf and -0.0 sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(-2, 3, (k, m), generator=g).float()
+    u = torch.rand(k, m, generator=g)
+    s[u < 0.04] = float("nan")
+    s[(u >= 0.04) & (u < 0.08)] = float("inf")
+    s[(u >= 0.08) & (u < 0.12)] = -float("inf")
+    s[(u >= 0.12) & (u < 0.2)] = -0.0
+    return s
+
+
+@needs_cc
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16, 32])
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_native_topn_equals_stable_sort(m: int, magnitude: bool) -> None:
+    k = 2 * 256 + 37  # more than one tile of blocks, and a partial one
+    s = _awkward_scores(k, m, seed=m)
+    ranked = s.abs() if magnitude else s
+    for n in range(m + 1):
+        expected = _stable_topn(ranked, n)
+        got = native.topn_mask(s.view(k, m, 1), n, magnitude)  # blocks of M consecutive scores
+        assert torch.equal(got.view(k, m), expected), (n, "blocks")
+        grouped = s.view(k // 1, m).t().reshape(1, m, k).contiguous()  # one group, R = k columns
+        assert torch.equal(native.topn_mask(grouped, n, magnitude).view(m, k).t(), expected), (n, "R = k")
+
+
+@needs_cc
+@pytest.mark.parametrize("nm", [(2, 4), (1, 16), (3, 8)])
+def test_grouped_topn_dispatches_to_native_and_matches(nm: tuple[int, int], monkeypatch) -> None:
+    from bame import nm as nm_mod
+
+    n, m = nm
+    w = _awkward_scores(m * 64, 600, seed=n).view(64, m, 600)  # (G, M, R): 64 groups of M rows
+    assert w.numel() >= nm_mod._NATIVE_MIN_NUMEL  # big enough to take the native kernel
+    calls = []
+    monkeypatch.setattr(native, "topn_mask", lambda *a, **kw: calls.append(1) or _real_topn(*a, **kw))
+    got = nm_mod.topn_mask_grouped(w, n)
+    flat = nm_mod.topn_mask(w.movedim(1, -1).reshape(-1, m), n)  # (K, M) blocks, also native
+    assert len(calls) == 2
+    expected = _stable_topn(w.movedim(1, -1).reshape(-1, m), n)
+    assert torch.equal(flat, expected)
+    assert torch.equal(got.movedim(1, -1).reshape(-1, m), expected)
+    magn = nm_mod.topn_mask(w.movedim(1, -1).reshape(-1, m), n, magnitude=True)
+    assert torch.equal(magn, _stable_topn(w.movedim(1, -1).reshape(-1, m).abs(), n))
+
+
+_real_topn = native.topn_mask
+
+
+@needs_cc
+def test_native_topn_thread_split_is_bit_identical() -> None:
+    s = torch.randn(4096, 4, 5)
+    one = native.topn_mask(s, 2, threads=1)
+    assert torch.equal(one, native.topn_mask(s, 2, threads=3))
+    assert (one.sum(1) == 2).all()
+
+
+@needs_cc
+def test_native_topn_refuses_large_blocks() -> None:
+    with pytest.raises(ValueError, match="M <= 32"):
+        native.topn_mask(torch.zeros(2, 64, 1), 1)

@@ -46,12 +46,13 @@ __all__ = [
     "take",
     "to_tiles",
     "token_tile",
+    "topn_mask",
     "unavailable_reason",
 ]
 
 SOURCE = Path(__file__).with_name("csrc") / "nm_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
-ABI_VERSION = 3  # must match nm_abi_version() in the C source
+ABI_VERSION = 4  # must match nm_abi_version() in the C source
 #: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
 MIN_PARALLEL_WORK = 1 << 18
 #: Per-core L2 the token tiles are sized for (1 MiB on current Xeons).
@@ -119,8 +120,9 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.nm_scatter_rows_f32.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
     lib.nm_gather_rows_f32.argtypes = [p, i64, p, p, p, p, i64, i64]
     lib.nm_take_f32.argtypes = [p, p, p, i64, i64]
-    for fn in (lib.nm_take_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32, lib.nm_scatter_rows_f32,
-               lib.nm_gather_rows_f32):
+    lib.nm_topn_mask_f32.argtypes = [p, i64, i64, i64, i64, p, i64, i64]
+    for fn in (lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32,
+               lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32):
         fn.restype = None
     return lib
 
@@ -404,4 +406,31 @@ def take(src: Tensor, idx: Tensor, threads: int | None = None) -> Tensor:
         lib.nm_take_f32(src.data_ptr(), idx.data_ptr(), out.data_ptr(), q0, q1)
 
     _even_split(run, count, count * 8, threads)
+    return out
+
+
+# -- masks --------------------------------------------------------------------------------------------
+#: Largest block size of :func:`topn_mask` (its pairwise comparisons grow with M^2).
+TOPN_MAX_M = 32
+
+
+def topn_mask(scores: Tensor, n: int, magnitude: bool = False, threads: int | None = None) -> Tensor:
+    """The N largest of every group along dim 1 of a contiguous float32 ``(G, M, R)`` tensor, as bool.
+
+    The selection of :func:`bame.nm.topn_mask_grouped`: ties go to the lower index, NaN ranks above every
+    number, -0.0 equals +0.0. With ``magnitude``, ``|scores|`` is ranked (without an ``abs`` copy).
+    """
+    lib = _require()
+    _f32(scores)
+    g, m, r = scores.shape
+    if not 0 < m <= TOPN_MAX_M or not 0 <= n <= m:
+        raise ValueError(f"native top-N keeps 0..M of M <= {TOPN_MAX_M} per group, not {n} of {m}")
+    out = torch.empty((g, m, r), dtype=torch.bool)
+    args = (scores.data_ptr(), m, r, n, int(magnitude), out.data_ptr())
+
+    def run(g0: int, g1: int) -> None:
+        lib.nm_topn_mask_f32(*args, g0, g1)
+
+    if g > 0 and r > 0:
+        _even_split(run, g, scores.numel() * m // 4, threads)
     return out

@@ -113,11 +113,11 @@ class BlockEvolution(Method):
             k = gradual_budget(t, self.t_i, o.delta_t, self.n, self.m)
             zero = "none" if o.gradual_grad == "dense" else "pruned"
             for layer in ctx.layers:
-                keep = topn_mask(layer.blocks(layer.weight.detach().abs()), k)
+                keep = topn_mask(layer.blocks(layer.weight.detach()), k, magnitude=True)
                 layer.set_mask(keep, ctx, zero=zero)
         elif t == self.t_i:
             for layer in ctx.layers:
-                keep = topn_mask(layer.blocks(layer.weight.detach().abs()), self.n)
+                keep = topn_mask(layer.blocks(layer.weight.detach()), self.n, magnitude=True)
                 layer.set_mask(keep, ctx, zero="pruned")
         pruned = t >= self.t_i or o.gradual_grad == "sparse"  # pruned weights are exactly zero from here on
         for layer in ctx.layers:

@@ -45,7 +45,7 @@ def add_sr_ste_decay(grad: torch.Tensor, layer, lambda_w: float) -> None:
 
 def magnitude_mask(layer, n: int) -> torch.Tensor:
     """``top-N |W|`` of every block of a layer, as a bool weight-shaped mask."""
-    return layer.unblocks(topn_mask(layer.blocks(layer.weight.detach().abs()), n))
+    return layer.unblocks(topn_mask(layer.blocks(layer.weight.detach()), n, magnitude=True))
 
 
 @register

@@ -16,7 +16,7 @@
 #include <string.h>
 
 /* Version of the C interface; native.py checks it after loading a library. */
-int64_t nm_abi_version(void) { return 3; }
+int64_t nm_abi_version(void) { return 4; }
 
 /* The largest token tile (floats): the accumulators of one bag tile stay in registers. */
 #define MAX_TW 64
@@ -254,4 +254,72 @@ void nm_gather_rows_f32(const float *restrict dense, int64_t ld, const int64_t *
 void nm_take_f32(const float *restrict src, const int64_t *restrict idx, float *restrict out, int64_t q0,
                  int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) out[q] = src[idx[q]];
+}
+
+/*
+ * Top-N masks (bame.nm.topn_mask and topn_mask_grouped). Scores are a contiguous (G, M, R) float32
+ * tensor; every group of M entries along the middle axis keeps its N largest:
+ *     keep(g, i, r)  <=>  #{j : (g, j, r) beats (g, i, r)} < n
+ * where j beats i when its score is larger, or equal with j < i (ties go to the lower index), every NaN
+ * ranking above every number and -0.0 equal to +0.0: a strict total order, so exactly n entries are kept.
+ * With `magnitude`, |score| is ranked. Columns (g, r) are processed in tiles of TOPN_TILE: scores become
+ * order-preserving int32 keys in a (M, tile) buffer, then the M(M-1)/2 pairwise comparisons run along
+ * the tile (vectorised). R == 1 (blocks of M consecutive scores) tiles across groups.
+ */
+#define TOPN_TILE 256
+#define TOPN_MAX_M 32
+
+static inline int32_t nm_score_key(float x, int64_t magnitude) {
+    if (x != x) return INT32_MAX;
+    x = x + 0.0f; /* -0.0 -> +0.0 */
+    int32_t b;
+    memcpy(&b, &x, sizeof b);
+    if (magnitude) return b & INT32_MAX;
+    return b ^ ((b >> 31) & INT32_MAX); /* negative floats: flip the magnitude bits */
+}
+
+static void nm_topn_tile(int32_t (*restrict key)[TOPN_TILE], int32_t (*restrict def)[TOPN_TILE], int64_t m,
+                         int64_t tile) {
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t t = 0; t < tile; ++t) def[i][t] = 0;
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = i + 1; j < m; ++j) {
+            const int32_t *restrict ki = key[i], *restrict kj = key[j];
+            int32_t *restrict di = def[i], *restrict dj = def[j];
+            for (int64_t t = 0; t < tile; ++t) {
+                int32_t jw = kj[t] > ki[t];
+                di[t] += jw;
+                dj[t] += 1 - jw;
+            }
+        }
+}
+
+/* Groups [g0, g1) of a (G, M, R) score tensor; `out` is the bool (0/1 byte) mask of the same layout. */
+void nm_topn_mask_f32(const float *restrict s, int64_t M, int64_t R, int64_t n, int64_t magnitude,
+                      uint8_t *restrict out, int64_t g0, int64_t g1) {
+    int32_t key[TOPN_MAX_M][TOPN_TILE], def[TOPN_MAX_M][TOPN_TILE];
+    if (R == 1) {
+        for (int64_t c = g0; c < g1; c += TOPN_TILE) {
+            int64_t tile = g1 - c < TOPN_TILE ? g1 - c : TOPN_TILE;
+            const float *restrict base = s + c * M;
+            for (int64_t t = 0; t < tile; ++t)
+                for (int64_t i = 0; i < M; ++i) key[i][t] = nm_score_key(base[t * M + i], magnitude);
+            nm_topn_tile(key, def, M, tile);
+            uint8_t *restrict ob = out + c * M;
+            for (int64_t t = 0; t < tile; ++t)
+                for (int64_t i = 0; i < M; ++i) ob[t * M + i] = def[i][t] < n;
+        }
+        return;
+    }
+    for (int64_t g = g0; g < g1; ++g)
+        for (int64_t r = 0; r < R; r += TOPN_TILE) {
+            int64_t tile = R - r < TOPN_TILE ? R - r : TOPN_TILE;
+            const float *restrict base = s + g * M * R + r;
+            for (int64_t i = 0; i < M; ++i)
+                for (int64_t t = 0; t < tile; ++t) key[i][t] = nm_score_key(base[i * R + t], magnitude);
+            nm_topn_tile(key, def, M, tile);
+            uint8_t *restrict ob = out + g * M * R + r;
+            for (int64_t i = 0; i < M; ++i)
+                for (int64_t t = 0; t < tile; ++t) ob[i * R + t] = def[i][t] < n;
+        }
 }
