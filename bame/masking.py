@@ -58,6 +58,10 @@ class NMMask(nn.Module):
         #: then W itself and is skipped (one weight-sized multiply and allocation less per forward).
         self.weights_pruned = False
         self._factor_cache: tuple[tuple, torch.Tensor] | None = None
+        #: ``(data_ptr, version, numel)`` of weight gradients the sparse kernels produced already masked by
+        #: this mask (see :meth:`grad_is_masked`); filled by their backward, cleared by every forward.
+        self.kernel_grads: list[tuple[int, int, int]] = []
+        self._kernel_mask_version = -1
 
     def mask_as(self, like: torch.Tensor) -> torch.Tensor:
         """The bool mask as 0/1 in ``like``'s dtype and device, cached until the mask changes.
@@ -73,6 +77,22 @@ class NMMask(nn.Module):
         if cached is None or cached[0] != key:
             cached = self._factor_cache = (key, mask.to(like.dtype))
         return cached[1]
+
+    def grad_is_masked(self, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` is, untouched, the gradient the sparse kernels computed for the current mask:
+        the same storage, in-place version and size as the last one recorded, and no mask change since.
+        Anything else (another contribution accumulated into it, a different tensor, a new mask) is False.
+        """
+        records, self.kernel_grads = self.kernel_grads, []  # a record vouches once
+        if not records or self._kernel_mask_version != self.mask._version:
+            return False
+        return records[-1] == (grad.data_ptr(), grad._version, grad.numel())
+
+    def kernel_grad_sink(self) -> list[tuple[int, int, int]]:
+        """A fresh record list for one forward of a sparse layer (the older records are dropped)."""
+        self.kernel_grads = []
+        self._kernel_mask_version = self.mask._version
+        return self.kernel_grads
 
     def set_scale(self, scale: torch.Tensor | None) -> None:
         """Use float mask values in the forward product (None: back to the bool mask)."""

@@ -116,9 +116,9 @@ class SparseLayer:
 
     @torch.no_grad()
     def mask_grad(self) -> None:
-        """Sparse weight gradient: ``grad *= B``."""
+        """Sparse weight gradient: ``grad *= B`` (skipped when the sparse kernels produced it masked)."""
         grad = self.weight.grad
-        if grad is not None:
+        if grad is not None and not self.par.grad_is_masked(grad):
             grad.mul_(self.par.mask_as(grad))
 
     @torch.no_grad()

@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(ap, "results/bench_kernel_step.json", default_repeats=10)
     ap.add_argument("--patterns", default="1:16,1:4", help="N:M patterns, comma-separated")
+    ap.add_argument("--fused-sgd", action="store_true",
+                    help="every variant (dense too) uses SGD(fused=True), torch's single-kernel update")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--depth", type=int, default=2)
@@ -73,11 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make(base: nn.Module, method: str | None, nm: str, kernel: str) -> tuple[nn.Module, Any, Any]:
-    """A copy of ``base`` with SGD (momentum, weight decay) and, for a method, its sparsifier."""
+def make(base: nn.Module, method: str | None, nm: str, kernel: str, fused: bool = False
+         ) -> tuple[nn.Module, Any, Any]:
+    """A copy of ``base`` with SGD (momentum, weight decay; ``fused``: torch's one-kernel SGD) and, for a
+    method, its sparsifier."""
     model = copy.deepcopy(base).train()
     opt = torch.optim.SGD(model.parameters(), lr=common.LR, momentum=common.MOMENTUM,
-                          weight_decay=common.WEIGHT_DECAY)
+                          weight_decay=common.WEIGHT_DECAY, **({"fused": True} if fused else {}))
     if method is None:
         return model, opt, None
     h = common.harness_for(method)
@@ -109,17 +113,17 @@ def run_pattern(nm: str, names: list[str], args: argparse.Namespace) -> dict[str
     x = torch.randn(args.batch, args.seq, args.dim, generator=g)  # (batch, seq, dim)
     target = torch.randn(args.batch, args.seq, args.dim, generator=g)
     cands: dict[str, Callable[[], None]] = {}
-    model, opt, _ = make(base, None, nm, "dense")
+    model, opt, _ = make(base, None, nm, "dense", args.fused_sgd)
     cands["dense"] = step_fn(model, opt, None, x, target, None)
     sparsifiers = {}
     for name in names:
         h = common.harness_for(name)
         for kernel, label in (("dense", "masked"), ("sparse", "sparse")):
-            model, opt, sp = make(base, name, nm, kernel)
+            model, opt, sp = make(base, name, nm, kernel, args.fused_sgd)
             sparsifiers[f"{name}/{label}"] = sp
             cands[f"{name}/{label}"] = step_fn(model, opt, sp, x, target, h.ordinary_t)
             if h.update_t is not None:  # its own copy: its mask changes would make the ordinary steps repack
-                model_u, opt_u, sp_u = make(base, name, nm, kernel)
+                model_u, opt_u, sp_u = make(base, name, nm, kernel, args.fused_sgd)
                 sparsifiers[f"{name}/{label}/update"] = sp_u
                 cands[f"{name}/{label}/update"] = step_fn(model_u, opt_u, sp_u, x, target, h.update_t)
     load_before = list(os.getloadavg())
@@ -156,7 +160,7 @@ def print_tables(result: dict[str, Any]) -> None:
     m, c = result["machine"], result["config"]
     print(f"bench_kernel_step  torch {m['torch']}  threads {m['threads']}  {c['depth']} blocks "
           f"{c['dim']}->{c['hidden']}->{c['dim']}  tokens {c['tokens']}  repeats {c['repeats']}  "
-          f"native kernels: {c['native']}")
+          f"native kernels: {c['native']}  optimizer: {'SGD(fused=True)' if c.get('fused_sgd') else 'SGD'}")
     for nm, rec in result["patterns"].items():
         print(f"\n{nm}: dense {rec['dense_ms']:.1f} ms/step (median)")
         rows = []
@@ -184,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "bench_kernel_step", "machine": common.machine_info(),
         "config": {"dim": args.dim, "hidden": args.hidden, "depth": args.depth, "batch": args.batch,
                    "seq": args.seq, "tokens": args.batch * args.seq, "repeats": args.repeats,
-                   "warmup": args.warmup, "quick": args.quick, "methods": names, "delta_t": common.DELTA_T,
+                   "warmup": args.warmup, "fused_sgd": args.fused_sgd, "quick": args.quick, "methods": names,
+                   "delta_t": common.DELTA_T,
                    "lr": common.LR, "momentum": common.MOMENTUM, "weight_decay": common.WEIGHT_DECAY,
                    "native": "available" if native.available() else native.unavailable_reason()},
         "patterns": {},

@@ -63,3 +63,54 @@ def test_layers_without_kernels_say_why():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sp = bame.sparsify(model, opt, "static", "1:4", kernel="sparse", verbose=False)
     assert "1x1" in sp.layers[0].kernel_note
+
+
+def test_kernel_gradients_are_masked_once_and_other_gradient_terms_still_masked(monkeypatch):
+    """The kernels' weight gradient is already zero off the mask, so ``mask_grad`` skips its multiply; a
+    gradient with anything else accumulated into it (a loss term on the weight, a second micro-batch) is
+    masked as before. Either way the run equals the masked-dense one."""
+    from bame.masking import NMMask
+
+    monkeypatch.setattr(attach, "choose_plan", lambda *a, **k: PLANS[0])
+    verdicts = []
+    original = NMMask.grad_is_masked
+
+    def spy(self, grad):
+        verdicts.append(original(self, grad))
+        return verdicts[-1]
+
+    monkeypatch.setattr(NMMask, "grad_is_masked", spy)
+    torch.manual_seed(0)
+    base = mlp()
+    coef = {name: torch.randn_like(p) for name, p in base.named_parameters()}
+    runs, per_kernel = {}, {}
+    for kernel in ("dense", "sparse"):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        sp = bame.sparsify(model, opt, "static", "1:4", kernel=kernel, verbose=False)
+        g = torch.Generator().manual_seed(1)
+        verdicts.clear()
+        for step in range(6):
+            opt.zero_grad()
+            for _ in range(2 if step == 4 else 1):  # step 4: two micro-batches accumulate
+                x, y = torch.randn(16, 32, generator=g), torch.randint(0, 5, (16,), generator=g)
+                loss = F.cross_entropy(model(x), y)
+                if step == 2:  # a dense term on the sparse weights themselves
+                    loss = loss + sum((layer.module.weight * coef[layer.name]).sum() for layer in sp.layers)
+                loss.backward()
+            if step == 2:
+                for layer in sp.layers:  # the grad holds more than the kernels' product: not masked yet
+                    assert (layer.weight.grad * ~layer.mask).abs().sum() > 0, (step, layer.name)
+            opt.step()
+            for layer in sp.layers:
+                assert not (layer.weight.detach() * ~layer.mask).any(), (step, layer.name)
+            per_kernel.setdefault(kernel, []).append(list(verdicts))
+            verdicts.clear()
+        runs[kernel] = model
+    assert all(not any(v) for v in per_kernel["dense"])
+    sparse = per_kernel["sparse"]  # three kernel layers (the last Linear is dense by policy)
+    # Step 4's second micro-batch added into the first one's gradient: masked again (a no-op, but unproven).
+    assert sparse[0] == sparse[1] == sparse[3] == sparse[5] == [True, True, True]
+    assert sparse[2] == sparse[4] == [False, False, False]
+    for (name, a), b in zip(runs["dense"].state_dict().items(), runs["sparse"].state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name

@@ -254,7 +254,8 @@ def test_choose_plan_valid_and_cached() -> None:
     plan = choose_plan(64, 128, 1, 16, batch_tokens=50, repeats=1, warmup=0)
     assert plan.fwd in ALL_FORWARD and plan.dx in ALL_INPUT_GRAD and plan.dw in ALL_WEIGHT_GRAD
     assert plan.reason.startswith("1:16 64x128 T=64")
-    assert set(plan.timings_ms) == {"fwd", "dx", "dw"} and "dense" in plan.timings_ms["dw"]
+    assert {"fwd", "dx", "dw"} <= set(plan.timings_ms) <= {"fwd", "dx", "dw", "layer"}
+    assert "dense" in plan.timings_ms["dw"]
     assert Plan.from_dict(plan.to_dict()) == plan
     assert choose_plan(64, 128, 1, 16, batch_tokens=60, repeats=1, warmup=0) is plan  # same bucket
     assert tokens_bucket(1) == 1 and tokens_bucket(64) == 64 and tokens_bucket(65) == 128
@@ -304,5 +305,25 @@ def test_plan_falls_back_to_dense_when_the_layer_gains_too_little(monkeypatch) -
     chosen = choose_plan(64, 64, 1, 4, batch_tokens=8, use_cache=False)
     assert chosen.is_dense and "would save 7%" in chosen.reason  # 28 of 30 ms: under the 10% margin
     monkeypatch.setattr(plan_module, "_measure", lambda cands, *a: {k: 10.0 if k == "dense" else 2.0 for k in cands})
+    monkeypatch.setattr(plan_module, "_time_layer", lambda *a: {"dense": 10.0, "sparse": 2.5})  # the layer step too
     chosen = choose_plan(64, 64, 1, 4, batch_tokens=8, use_cache=False)
     assert not chosen.is_dense and "5.0x" in chosen.reason
+
+
+@pytest.mark.parametrize("layer_sparse_ms", [12.0, 5.0])
+def test_plan_falls_back_when_the_whole_layer_step_loses(monkeypatch, layer_sparse_ms: float) -> None:
+    """Products that each win can still lose as a layer step (gathers, transposes): then dense is kept."""
+    from bame.kernels import plan as plan_mod
+
+    def fake_times(cands, device, repeats, warmup):  # every sparse product 10x faster than dense
+        if set(cands) == {"dense", "sparse"}:  # the whole-layer step
+            return {"dense": 10.0, "sparse": layer_sparse_ms}
+        return {k: 10.0 if k == "dense" else 1.0 for k in cands}
+
+    monkeypatch.setattr(plan_mod, "time_interleaved", fake_times)
+    plan = choose_plan(64, 128, 1, 16, batch_tokens=32, use_cache=False)
+    assert plan.timings_ms["layer"] == {"dense": 10.0, "sparse": layer_sparse_ms}
+    if layer_sparse_ms > 10.0 / 1.1:
+        assert plan.is_dense and "ran at 0.83x" in plan.reason
+    else:
+        assert not plan.is_dense and plan.reason.endswith("layer 2.0x")

@@ -64,6 +64,7 @@ class _LayerKernel:
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         t = self.sparsifier.step
         method = self.sparsifier.method
+        sink = self.layer.par.kernel_grad_sink()  # only this forward's backward may vouch for the gradient
         is_conv = isinstance(module, nn.Conv2d)
         if not method.mask_is_final(t) or self.layer.group_axis != "cin" or not self._repack():
             return module._bame_base.forward(module, x)
@@ -78,7 +79,7 @@ class _LayerKernel:
         dense_wgrad = method.charge(t, self.layer).dw >= 1.0  # the method needs the dense G this step
         weight = module.weight.reshape(self.layer.shape[0], -1)  # effective W*B (or soft values), STE grad
         y = NMLinearFunction.apply(tokens, weight, self.packed, self.packed_bwd, module.bias, self.plan,
-                                   dense_wgrad, True)
+                                   dense_wgrad, True, sink)
         return y.permute(0, 3, 1, 2) if is_conv else y
 
 

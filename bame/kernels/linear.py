@@ -317,11 +317,15 @@ class NMLinearFunction(torch.autograd.Function):
         plan: Plan | None,
         dense_wgrad: bool,
         weight_is_masked: bool = False,
+        grad_sink: list | None = None,
     ) -> Tensor:
         """Compute ``y (..., out)`` from ``x (..., in)``; see the class docstring.
 
         ``weight_is_masked`` promises that ``weight`` is zero outside the forward packing (it is the
         parametrization's ``W*B``): dense products then use it as it is instead of unpacking the values.
+        When the backward computes a weight gradient that is zero outside the forward packing (every case
+        but ``dense_wgrad``), it appends ``(data_ptr, version, numel)`` of that gradient to ``grad_sink``:
+        if the parameter's ``.grad`` is still exactly that tensor, masking it again is a no-op.
         """
         fwd, dx_name, dw_name, tile = _names(plan)
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
@@ -356,7 +360,7 @@ class NMLinearFunction(torch.autograd.Function):
         saved_x = (x_nt if native_dw else x_tiles if tiled_dw else x2) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(saved_x, vals_fwd, vals_bwd, weight if dense_dx else None)
         ctx.packed, ctx.plan_names = (packed_fwd, packed_bwd), (fwd, *_names(plan)[1:3], tile)
-        ctx.dense_wgrad, ctx.x_shape, ctx.w_dtype = dense_wgrad, x.shape, weight.dtype
+        ctx.dense_wgrad, ctx.x_shape, ctx.w_dtype, ctx.grad_sink = dense_wgrad, x.shape, weight.dtype, grad_sink
         return y2.view(*x.shape[:-1], packed_fwd.shape[0])
 
     @staticmethod
@@ -402,9 +406,11 @@ class NMLinearFunction(torch.autograd.Function):
             else:
                 dw = _scatter(WEIGHT_GRAD[dw_name](dy2, saved_x, pf, tile), pf)  # (out, in)
             dw = dw.to(ctx.w_dtype)
+            if ctx.grad_sink is not None and not ctx.dense_wgrad:
+                ctx.grad_sink.append((dw.data_ptr(), dw._version, dw.numel()))
         if ctx.needs_input_grad[4]:
             db = dy2.sum(0)  # (out,)
-        return dx, dw, None, None, db, None, None, None
+        return dx, dw, None, None, db, None, None, None, None
 
 
 def _scatter(grad_values: Tensor, packed: Packed) -> Tensor:
@@ -430,6 +436,8 @@ def nm_linear(
     plan: Plan | None = None,
     dense_wgrad: bool = False,
     weight_is_masked: bool = False,
+    grad_sink: list | None = None,
 ) -> Tensor:
     """Functional form of :class:`NMLinearFunction`: ``x @ (W*B)^T + b`` with sparse products."""
-    return NMLinearFunction.apply(x, weight, packed_fwd, packed_bwd, bias, plan, dense_wgrad, weight_is_masked)
+    return NMLinearFunction.apply(x, weight, packed_fwd, packed_bwd, bias, plan, dense_wgrad, weight_is_masked,
+                                  grad_sink)

@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from bame.kernels.linear import FORWARD, INPUT_GRAD, WEIGHT_GRAD
-from bame.kernels.packed import Packed, check_nm, pack
+from bame.kernels.linear import FORWARD, INPUT_GRAD, WEIGHT_GRAD, nm_linear
+from bame.kernels.packed import Packed, check_nm, pack, unpack
 
 __all__ = ["Plan", "choose_plan", "clear_plan_cache", "random_nm_mask", "time_interleaved", "tokens_bucket"]
 
@@ -187,17 +188,52 @@ def choose_plan(
     picks = {product: _pick(t, margin) for product, t in timings.items()}
     head = f"{n}:{m} {out}x{in_} T={tokens}"
     reason = _reason(head, picks, timings)
-    # The sparse path has fixed costs of its own (a gather of the values, transposed copies of x and dY):
-    # unless the picks save `margin` on the whole layer, the module's own dense forward is faster.
+    # The sparse path has fixed costs of its own (a gather of the values, transposed copies of x and dY, a
+    # dense gradient to fill): unless the picks save `margin` on the whole layer, the module's own dense
+    # product is faster. A cheap test on the products' sum first, then the layer's forward + backward as it
+    # will run, timed against the plain dense layer.
     dense_total = sum(t["dense"] for t in timings.values())
     picked_total = sum(timings[product][name] for product, name in picks.items())
-    if any(v != "dense" for v in picks.values()) and picked_total * margin >= dense_total:
-        reason = f"{head}: dense (the sparse products would save {1 - picked_total / dense_total:.0%} of the layer)"
-        picks = dict.fromkeys(picks, "dense")
+    if any(v != "dense" for v in picks.values()):
+        if picked_total * margin >= dense_total:
+            reason = f"{head}: dense (the sparse products would save {1 - picked_total / dense_total:.0%} of the layer)"
+            picks = dict.fromkeys(picks, "dense")
+        else:
+            layer = _time_layer(Plan(**picks), packed, x, dy, device, repeats, warmup)
+            timings["layer"] = layer
+            if layer["sparse"] * margin >= layer["dense"]:
+                reason = (f"{head}: dense (the sparse layer step, {reason.split(': ', 1)[1]}, "
+                          f"ran at {layer['dense'] / layer['sparse']:.2f}x)")
+                picks = dict.fromkeys(picks, "dense")
+            else:
+                reason += f"; layer {layer['dense'] / layer['sparse']:.1f}x"
     plan = Plan(**picks, tile=0, reason=reason, timings_ms=timings)
     if use_cache:
         _CACHE[key] = plan
     return plan
+
+
+def _time_layer(
+    plan: Plan, packed: Packed, x: Tensor, dy: Tensor, device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median ms of a whole layer step (forward and backward to x and W) on the masked weight: plain
+    ``F.linear`` (``"dense"``) against :func:`nm_linear` with ``plan`` (``"sparse"``)."""
+    w = unpack(packed).requires_grad_()  # (out, in), W*B
+    xg = x.detach().requires_grad_()
+
+    def run(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        def step() -> Tensor:
+            w.grad = xg.grad = None
+            fn().backward(dy)
+            return w.grad
+
+        return step
+
+    return time_interleaved(
+        {"dense": run(lambda: F.linear(xg, w)),
+         "sparse": run(lambda: nm_linear(xg, w, packed, None, None, plan, False, True))},
+        device, repeats, warmup,
+    )
 
 
 def _bind(fn: Callable[[Tensor, Packed, int], Tensor], a: Tensor, packed: Packed) -> Callable[[], Tensor]:
