@@ -262,24 +262,25 @@ void nm_take_f32(const float *restrict src, const int64_t *restrict idx, float *
  *     keep(g, i, r)  <=>  #{j : (g, j, r) beats (g, i, r)} < n
  * where j beats i when its score is larger, or equal with j < i (ties go to the lower index), every NaN
  * ranking above every number and -0.0 equal to +0.0: a strict total order, so exactly n entries are kept.
- * With `magnitude`, |score| is ranked. Columns (g, r) are processed in tiles of TOPN_TILE: scores become
- * order-preserving int32 keys in a (M, tile) buffer, then the M(M-1)/2 pairwise comparisons run along
- * the tile (vectorised). R == 1 (blocks of M consecutive scores) tiles across groups.
+ * With `magnitude`, |score| is ranked. Scores become order-preserving int32 keys. Columns (g, r) are
+ * processed in tiles of TOPN_TILE: keys in a (M, tile) buffer, then the M(M-1)/2 pairwise comparisons run
+ * along the tile (vectorised). R == 1 (blocks of M consecutive scores) tiles across groups, with code
+ * specialised for M = 8 and 16; for M = 2 and 4 each key is compared with its whole block in registers.
  */
 #define TOPN_TILE 256
 #define TOPN_MAX_M 32
 
-static inline int32_t nm_score_key(float x, int64_t magnitude) {
-    if (x != x) return INT32_MAX;
+static inline __attribute__((always_inline)) int32_t nm_score_key(float x, int64_t magnitude) {
     x = x + 0.0f; /* -0.0 -> +0.0 */
     int32_t b;
     memcpy(&b, &x, sizeof b);
-    if (magnitude) return b & INT32_MAX;
-    return b ^ ((b >> 31) & INT32_MAX); /* negative floats: flip the magnitude bits */
+    int32_t k = magnitude ? (b & INT32_MAX) : (b ^ ((b >> 31) & INT32_MAX)); /* negatives: flip magnitude bits */
+    return x != x ? INT32_MAX : k;
 }
 
-static void nm_topn_tile(int32_t (*restrict key)[TOPN_TILE], int32_t (*restrict def)[TOPN_TILE], int64_t m,
-                         int64_t tile) {
+static inline __attribute__((always_inline)) void nm_topn_tile(int32_t (*restrict key)[TOPN_TILE],
+                                                               int32_t (*restrict def)[TOPN_TILE], int64_t m,
+                                                               int64_t tile) {
     for (int64_t i = 0; i < m; ++i)
         for (int64_t t = 0; t < tile; ++t) def[i][t] = 0;
     for (int64_t i = 0; i < m; ++i)
@@ -294,23 +295,64 @@ static void nm_topn_tile(int32_t (*restrict key)[TOPN_TILE], int32_t (*restrict 
         }
 }
 
+/* Blocks [g0, g1) of M consecutive scores (R == 1); inlined with constant M and magnitude. */
+static inline __attribute__((always_inline)) void nm_topn_blocks(const float *restrict s, int64_t M, int64_t n,
+                                                                 int64_t magnitude, uint8_t *restrict out,
+                                                                 int64_t g0, int64_t g1) {
+    int32_t key[TOPN_MAX_M][TOPN_TILE], def[TOPN_MAX_M][TOPN_TILE];
+    for (int64_t c = g0; c < g1; c += TOPN_TILE) {
+        int64_t tile = g1 - c < TOPN_TILE ? g1 - c : TOPN_TILE;
+        const float *restrict base = s + c * M;
+        for (int64_t t = 0; t < tile; ++t)
+            for (int64_t i = 0; i < M; ++i) key[i][t] = nm_score_key(base[t * M + i], magnitude);
+        nm_topn_tile(key, def, M, tile);
+        uint8_t *restrict ob = out + c * M;
+        for (int64_t t = 0; t < tile; ++t)
+            for (int64_t i = 0; i < M; ++i) ob[t * M + i] = def[i][t] < n;
+    }
+}
+
+/* The same for small M (2, 4): every key against the whole block in registers, no tile buffers. */
+static inline __attribute__((always_inline)) void nm_topn_blocks_direct(const float *restrict s, int64_t M, int64_t n,
+                                                                 int64_t magnitude, uint8_t *restrict out,
+                                                                 int64_t g0, int64_t g1) {
+    int32_t k[TOPN_MAX_M], d[TOPN_MAX_M];
+    for (int64_t c = g0; c < g1; ++c) {
+        const float *restrict base = s + c * M;
+        for (int64_t i = 0; i < M; ++i) {
+            k[i] = nm_score_key(base[i], magnitude);
+            d[i] = 0;
+        }
+        for (int64_t j = 0; j < M; ++j) {
+            int32_t kj = k[j];
+            for (int64_t i = 0; i < M; ++i) d[i] += (kj > k[i]) | ((kj == k[i]) & (j < i));
+        }
+        uint8_t *restrict ob = out + c * M;
+        for (int64_t i = 0; i < M; ++i) ob[i] = d[i] < n;
+    }
+}
+
+#define NM_TOPN_BLOCKS_CASE(fn, m)                                                                              \
+    case m:                                                                                                     \
+        if (magnitude) fn(s, m, n, 1, out, g0, g1);                                                             \
+        else fn(s, m, n, 0, out, g0, g1);                                                                       \
+        return;
+
 /* Groups [g0, g1) of a (G, M, R) score tensor; `out` is the bool (0/1 byte) mask of the same layout. */
 void nm_topn_mask_f32(const float *restrict s, int64_t M, int64_t R, int64_t n, int64_t magnitude,
                       uint8_t *restrict out, int64_t g0, int64_t g1) {
-    int32_t key[TOPN_MAX_M][TOPN_TILE], def[TOPN_MAX_M][TOPN_TILE];
     if (R == 1) {
-        for (int64_t c = g0; c < g1; c += TOPN_TILE) {
-            int64_t tile = g1 - c < TOPN_TILE ? g1 - c : TOPN_TILE;
-            const float *restrict base = s + c * M;
-            for (int64_t t = 0; t < tile; ++t)
-                for (int64_t i = 0; i < M; ++i) key[i][t] = nm_score_key(base[t * M + i], magnitude);
-            nm_topn_tile(key, def, M, tile);
-            uint8_t *restrict ob = out + c * M;
-            for (int64_t t = 0; t < tile; ++t)
-                for (int64_t i = 0; i < M; ++i) ob[t * M + i] = def[i][t] < n;
+        switch (M) {
+            NM_TOPN_BLOCKS_CASE(nm_topn_blocks_direct, 2)
+            NM_TOPN_BLOCKS_CASE(nm_topn_blocks_direct, 4)
+            NM_TOPN_BLOCKS_CASE(nm_topn_blocks, 8)
+            NM_TOPN_BLOCKS_CASE(nm_topn_blocks, 16)
+            default:
+                nm_topn_blocks(s, M, n, magnitude, out, g0, g1);
+                return;
         }
-        return;
     }
+    int32_t key[TOPN_MAX_M][TOPN_TILE], def[TOPN_MAX_M][TOPN_TILE];
     for (int64_t g = g0; g < g1; ++g)
         for (int64_t r = 0; r < R; r += TOPN_TILE) {
             int64_t tile = R - r < TOPN_TILE ? R - r : TOPN_TILE;
