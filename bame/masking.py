@@ -75,7 +75,13 @@ class NMMask(nn.Module):
         key = (mask.data_ptr(), mask._version, like.dtype, like.device)
         cached = self._factor_cache
         if cached is None or cached[0] != key:
-            cached = self._factor_cache = (key, mask.to(like.dtype))
+            # Refill the previous copy in place when it fits (methods that re-choose the mask every step):
+            # a copy into existing memory from the mask's 0/1 bytes is several times faster than a fresh
+            # bool -> float conversion. Nothing keeps the factor across a mask change.
+            old = None if cached is None else cached[1]
+            if old is None or old.shape != mask.shape or old.dtype != like.dtype or old.device != mask.device:
+                old = torch.empty(mask.shape, dtype=like.dtype, device=mask.device)
+            cached = self._factor_cache = (key, old.copy_(mask.view(torch.uint8)))
         return cached[1]
 
     def grad_is_masked(self, grad: torch.Tensor) -> bool:

@@ -399,7 +399,9 @@ def test_float_mask_copy_follows_every_in_place_change():
     assert layer.par.mask_as(layer.weight) is first  # cached while the mask is unchanged
     new = ~layer.mask
     layer.mask.copy_(new)
-    assert torch.equal(layer.par.mask_as(layer.weight), new.float())
+    refilled = layer.par.mask_as(layer.weight)
+    assert torch.equal(refilled, new.float())
+    assert refilled.data_ptr() == first.data_ptr()  # the same memory, refilled in place
     assert torch.equal(layer.module.weight, layer.weight * new)
     layer.par.mask[0].zero_()
     assert not layer.par.mask_as(layer.weight)[0].any()
