@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from bame.nm import topn_mask
+from bame.nm import _native_ready, topn_mask
 
 
 def scores(
@@ -44,4 +44,18 @@ def propose(
     Returns:
         bool ``(K, M)`` with exactly N True per block.
     """
+    m = weight_blocks.shape[-1]
+    mask_blocks = mask_blocks.bool()
+    if (
+        0 < n < m
+        and _native_ready(weight_blocks, torch.float32, m)
+        and grad_blocks.dtype == torch.float32
+        and grad_blocks.device.type == "cpu"
+        and weight_blocks.is_contiguous()
+        and grad_blocks.is_contiguous()
+        and mask_blocks.is_contiguous()
+    ):
+        from bame.kernels import native  # lazy: bame.kernels imports bame.nm
+
+        return native.lma_propose(weight_blocks, grad_blocks, mask_blocks, n, lr)  # the same, in one pass
     return topn_mask(scores(weight_blocks, grad_blocks, mask_blocks, lr), n)

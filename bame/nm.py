@@ -153,22 +153,24 @@ def topn_mask(scores: torch.Tensor, n: int, magnitude: bool = False) -> torch.Te
     return mask.scatter_(-1, order[:, :n], True)
 
 
-def _native_topn(scores: torch.Tensor | None, n: int, magnitude: bool) -> torch.Tensor | None:
-    """The native kernel's top-N of a contiguous float32 CPU ``(G, M, R)`` tensor (the same selection), or
-    None where it does not apply: other dtypes and devices, M above its limit, small tensors (where a
-    call's overhead outweighs it), or no native kernels here."""
-    if (
-        scores is None
-        or scores.device.type != "cpu"
-        or scores.dtype != torch.float32
-        or scores.numel() < _NATIVE_MIN_NUMEL
-        or scores.requires_grad
-    ):
-        return None
+def _native_ready(t: torch.Tensor | None, dtype: torch.dtype, m: int = 1) -> bool:
+    """Whether the native kernels (when built) take ``t``: a CPU tensor of ``dtype`` not requiring grad, big
+    enough that a call's overhead does not outweigh it, with groups of at most their largest M."""
+    if t is None or t.device.type != "cpu" or t.dtype != dtype or t.numel() < _NATIVE_MIN_NUMEL or t.requires_grad:
+        return False
     from bame.kernels import native  # lazy: bame.kernels imports this module
 
-    if scores.shape[1] > native.TOPN_MAX_M or not native.available():
+    return m <= native.TOPN_MAX_M and native.available()
+
+
+def _native_topn(scores: torch.Tensor | None, n: int, magnitude: bool) -> torch.Tensor | None:
+    """The native kernel's top-N of a contiguous float32 CPU ``(G, M, R)`` tensor (the same selection), or
+    None where it does not apply: other dtypes and devices, M above its limit, small tensors, or no native
+    kernels here."""
+    if scores is None or not _native_ready(scores, torch.float32, scores.shape[1]):
         return None
+    from bame.kernels import native
+
     return native.topn_mask(scores, n, magnitude)
 
 
@@ -227,6 +229,10 @@ def block_flips(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """
     old, new = old.bool(), new.bool()
     m = old.shape[-1]
+    if _native_ready(old, torch.bool) and new.device.type == "cpu" and old.is_contiguous() and new.is_contiguous():
+        from bame.kernels import native
+
+        return native.block_flips(old, new)
     if m > 16:
         return (old != new).sum(dim=-1, dtype=torch.int32)
     acc = torch.zeros(old.shape[0], dtype=torch.uint8, device=old.device)  # (K,) counts <= 16

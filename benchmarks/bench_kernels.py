@@ -6,6 +6,8 @@ interleaved (median of ``--repeats`` after warm-up):
 * fwd   ``F.linear(x, W)``             vs. the plan's forward formulation
 * dX    ``dY @ W``                     vs. the plan's input-gradient formulation
 * dW    ``dY^T @ x`` (dense)           vs. the plan's weight gradient at kept slots (values only)
+        (for a product the plan keeps dense: the fastest sparse formulation the planner timed, to show
+        by how much it lost)
 * step  ``F.linear`` autograd fwd+bwd  vs. ``NMLinearFunction`` fwd+bwd (dW scattered into a dense grad), or
         ``F.linear`` again when the plan is all dense (what ``kernel="sparse"`` then runs)
 * step* the same with ``dense_wgrad=True`` (a mask-update iteration)
@@ -27,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bame.kernels import choose_plan, nm_linear, pack, random_nm_mask
+from bame.kernels import Plan, choose_plan, nm_linear, pack, random_nm_mask
 from bame.kernels.linear import FORWARD, INPUT_GRAD, WEIGHT_GRAD
 from bame.kernels.plan import time_interleaved
 
@@ -70,13 +72,15 @@ def candidates(
 
         return run
 
+    # Per product: the plan's formulation, or where the plan keeps dense, the fastest sparse one it timed.
+    timed = {c: getattr(plan, c) if getattr(plan, c) != "dense" else fastest_sparse(plan, c) for c in PRODUCTS}
     cands = {
         "fwd/dense": lambda: F.linear(xd, wd),
-        "fwd/sparse": lambda: FORWARD[plan.fwd](xd, packed, plan.tile),
+        "fwd/sparse": lambda: FORWARD[timed["fwd"]](xd, packed, plan.tile),
         "dx/dense": lambda: dy @ wd,
-        "dx/sparse": lambda: INPUT_GRAD[plan.dx](dy, packed, plan.tile),
+        "dx/sparse": lambda: INPUT_GRAD[timed["dx"]](dy, packed, plan.tile),
         "dw/dense": lambda: dy.t() @ xd,
-        "dw/sparse": lambda: WEIGHT_GRAD[plan.dw](dy, xd, packed),
+        "dw/sparse": lambda: WEIGHT_GRAD[timed["dw"]](dy, xd, packed),
         "step/dense": step(lambda: F.linear(x, w, b)),
         # As `kernel="sparse"` runs a layer: the module's own dense forward when the plan is all dense, else
         # NMLinearFunction on the masked weight (the parametrization's W*B).
@@ -85,7 +89,16 @@ def candidates(
         "step*/sparse": step(lambda: F.linear(x, w, b) if plan.is_dense else nm_linear(x, w, packed, None, b, plan,
                                                                                        True, True)),
     }
-    return plan.to_dict(), cands
+    return {**plan.to_dict(), "timed": timed}, cands
+
+
+PRODUCTS = ("fwd", "dx", "dw")
+
+
+def fastest_sparse(plan: Plan, product: str) -> str:
+    """The fastest non-dense formulation of ``product`` in the plan's own timings."""
+    times = {k: v for k, v in plan.timings_ms[product].items() if k != "dense"}
+    return min(times, key=times.__getitem__)
 
 
 def run_one(shape: str, pattern: str, args: argparse.Namespace) -> dict:
@@ -110,17 +123,18 @@ def run_one(shape: str, pattern: str, args: argparse.Namespace) -> dict:
 
 def table(records: list[dict]) -> str:
     """A text table: per row the plan, then dense ms / sparse ms / speed-up for each column."""
-    head = f"{'shape':>10} {'N:M':>5} {'plan fwd/dX/dW':>22} " + " ".join(f"{c:>21}" for c in COLUMNS)
+    head = f"{'shape':>10} {'N:M':>5} {'plan fwd/dX/dW':>40} " + " ".join(f"{c:>21}" for c in COLUMNS)
     head += "  load (1-min avg before-after: other processes distort timings)"
-    lines = [head, " " * 40 + "   (dense ms / sparse ms = speed-up)", "-" * len(head)]
+    lines = [head, " " * 58 + "(dense ms / sparse ms = speed-up; where the plan keeps dense: the fastest sparse"
+             " formulation it timed, in brackets)", "-" * len(head)]
     for r in records:
         p, ms = r["plan"], r["ms"]
         cells = " ".join(
             f"{ms[c + '/dense']:7.1f}/{ms[c + '/sparse']:6.1f}={r['speedup'][c]:4.2f}x" for c in COLUMNS
         )
         load = "{:.1f}-{:.1f}".format(*r["loadavg_1min"])
-        names = f"{p['fwd']}/{p['dx']}/{p['dw']}"
-        lines.append(f"{r['shape']:>10} {r['pattern']:>5} {names:>22} {cells}  {load}")
+        names = "/".join(p[c] if p[c] != "dense" else f"dense({p['timed'][c]})" for c in PRODUCTS)
+        lines.append(f"{r['shape']:>10} {r['pattern']:>5} {names:>40} {cells}  {load}")
     return "\n".join(lines)
 
 

@@ -252,3 +252,43 @@ def test_native_topn_thread_split_is_bit_identical() -> None:
 def test_native_topn_refuses_large_blocks() -> None:
     with pytest.raises(ValueError, match="M <= 32"):
         native.topn_mask(torch.zeros(2, 64, 1), 1)
+
+
+# -- mask-update helpers ------------------------------------------------------------------------------
+@needs_cc
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16])
+def test_native_block_flips_equal_a_plain_count(m: int) -> None:
+    from bame import nm as nm_mod
+
+    g = torch.Generator().manual_seed(m)
+    k = max(nm_mod._NATIVE_MIN_NUMEL // m + 7, 10)
+    a, b = torch.rand(k, m, generator=g) > 0.5, torch.rand(k, m, generator=g) > 0.5
+    expected = (a != b).sum(-1).to(torch.int32)
+    assert torch.equal(native.block_flips(a, b), expected)
+    assert torch.equal(native.block_flips(a, b, threads=3), expected)
+    got = nm_mod.block_flips(a, b)  # large enough: the dispatch takes the native kernel
+    assert got.dtype == torch.int32 and torch.equal(got, expected)
+
+
+@needs_cc
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (1, 16), (2, 8), (1, 2)])
+def test_native_lma_proposal_equals_scores_then_top_n(nm: tuple[int, int]) -> None:
+    from bame import lma
+
+    n, m = nm
+    g = torch.Generator().manual_seed(m + n)
+    k = 40_000 // m + 3
+    w = torch.randn(k, m, generator=g)
+    grad = torch.randn(k, m, generator=g)
+    old = torch.rand(k, m, generator=g) < n / m
+    w[~old] = 0.0  # pruned weights are zero in the evolution phase
+    grad[:50] = 0.0  # blocks of tied zero scores: ties go to the lower index
+    w[50:60, 0] = float("nan")
+    for lr in (0.1, 3e-4):
+        reference = torch.zeros(k, m, dtype=torch.bool)
+        scores = lma.scores(w, grad, old, lr)
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :n]
+        reference.scatter_(-1, order, True)
+        assert torch.equal(native.lma_propose(w, grad, old, n, lr), reference)
+        assert torch.equal(native.lma_propose(w, grad, old, n, lr, threads=3), reference)
+        assert torch.equal(lma.propose(w, grad, old, n, lr), reference)  # the dispatch

@@ -1,4 +1,4 @@
-"""Native CPU kernels (plain C, loaded with ctypes) for the N:M products, compiled on first use.
+"""Native CPU kernels (plain C, loaded with ctypes) for the N:M products and mask upkeep, compiled on first use.
 
 ``csrc/nm_kernels.c`` is compiled with the system C compiler (``$CC``, else ``cc``) as
 ``-O3 -march=native -fPIC -shared`` into a cache directory (``$BAME_CACHE_DIR``, else
@@ -38,9 +38,11 @@ __all__ = [
     "FLAGS",
     "available",
     "bag",
+    "block_flips",
     "cache_dir",
     "check_inputs",
     "gather_rows",
+    "lma_propose",
     "sampled_dot",
     "scatter_rows",
     "take",
@@ -52,7 +54,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("csrc") / "nm_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
-ABI_VERSION = 4  # must match nm_abi_version() in the C source
+ABI_VERSION = 5  # must match nm_abi_version() in the C source
 #: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
 MIN_PARALLEL_WORK = 1 << 18
 #: Per-core L2 the token tiles are sized for (1 MiB on current Xeons).
@@ -121,8 +123,10 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.nm_gather_rows_f32.argtypes = [p, i64, p, p, p, p, i64, i64]
     lib.nm_take_f32.argtypes = [p, p, p, i64, i64]
     lib.nm_topn_mask_f32.argtypes = [p, i64, i64, i64, i64, p, i64, i64]
-    for fn in (lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32,
-               lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32):
+    lib.nm_block_flips_u8.argtypes = [p, p, i64, p, i64, i64]
+    lib.nm_lma_propose_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, i64, i64]
+    for fn in (lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8, lib.nm_lma_propose_f32, lib.nm_bag_f32,
+               lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32, lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32):
         fn.restype = None
     return lib
 
@@ -433,4 +437,43 @@ def topn_mask(scores: Tensor, n: int, magnitude: bool = False, threads: int | No
 
     if g > 0 and r > 0:
         _even_split(run, g, scores.numel() * m // 4, threads)
+    return out
+
+
+def block_flips(old: Tensor, new: Tensor, threads: int | None = None) -> Tensor:
+    """Entries that differ in every block of two contiguous bool ``(K, M)`` masks: int32 ``(K,)``."""
+    lib = _require()
+    if old.dtype != torch.bool or new.dtype != torch.bool or old.device.type != "cpu" or new.device.type != "cpu":
+        raise NotImplementedError("native block_flips takes bool CPU masks")
+    if old.shape != new.shape or old.dim() != 2 or not (old.is_contiguous() and new.is_contiguous()):
+        raise ValueError("native block_flips needs two contiguous (K, M) masks of one shape")
+    k, m = old.shape
+    out = torch.empty(k, dtype=torch.int32)
+
+    def run(k0: int, k1: int) -> None:
+        lib.nm_block_flips_u8(old.data_ptr(), new.data_ptr(), m, out.data_ptr(), k0, k1)
+
+    if k > 0:
+        _even_split(run, k, old.numel() // 4, threads)
+    return out
+
+
+def lma_propose(weight: Tensor, grad: Tensor, old: Tensor, n: int, lr: float, threads: int | None = None) -> Tensor:
+    """:func:`bame.lma.propose` in one pass: the top-N LMA scores of every block of contiguous float32
+    ``(K, M)`` weight and gradient blocks and a bool ``(K, M)`` old mask; the same bool proposal."""
+    lib = _require()
+    _f32(weight, grad)
+    k, m = weight.shape
+    if grad.shape != (k, m) or old.shape != (k, m) or old.dtype != torch.bool or not old.is_contiguous():
+        raise ValueError("native lma_propose needs (K, M) weight, gradient and bool mask blocks")
+    if not 0 < m <= TOPN_MAX_M or not 0 <= n <= m:
+        raise ValueError(f"native top-N keeps 0..M of M <= {TOPN_MAX_M} per group, not {n} of {m}")
+    out = torch.empty((k, m), dtype=torch.bool)
+    args = (weight.data_ptr(), grad.data_ptr(), old.data_ptr(), float(lr), m, n, out.data_ptr())
+
+    def run(g0: int, g1: int) -> None:
+        lib.nm_lma_propose_f32(*args, g0, g1)
+
+    if k > 0:
+        _even_split(run, k, weight.numel() * m // 2, threads)
     return out

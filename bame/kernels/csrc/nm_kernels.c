@@ -1,5 +1,6 @@
 /*
- * Native CPU kernels for the N:M-sparse Linear products (bame.kernels.native loads them with ctypes).
+ * Native CPU kernels for the N:M-sparse Linear products and for mask upkeep (top-N masks, LMA proposals,
+ * flip counts); bame.kernels.native loads them with ctypes.
  *
  * Plain C99, no dependency beyond libc: compiled on first use with ``cc -O3 -march=native -fPIC -shared``.
  * Every kernel works on a row range [r0, r1) so that Python threads (ctypes releases the GIL) can split
@@ -13,10 +14,11 @@
  */
 
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 /* Version of the C interface; native.py checks it after loading a library. */
-int64_t nm_abi_version(void) { return 4; }
+int64_t nm_abi_version(void) { return 5; }
 
 /* The largest token tile (floats): the accumulators of one bag tile stay in registers. */
 #define MAX_TW 64
@@ -364,4 +366,64 @@ void nm_topn_mask_f32(const float *restrict s, int64_t M, int64_t R, int64_t n, 
             for (int64_t i = 0; i < M; ++i)
                 for (int64_t t = 0; t < tile; ++t) ob[i * R + t] = def[i][t] < n;
         }
+}
+
+/*
+ * Flips per block (bame.nm.block_flips): out[k] = #{i : a[k*M + i] != b[k*M + i]} for blocks [k0, k1) of
+ * two bool (0/1 byte) masks. Blocks of 2, 4 or 8 bytes are compared as one word: the XOR of 0/1 bytes has
+ * one bit per differing entry, so its popcount is the count.
+ */
+void nm_block_flips_u8(const uint8_t *restrict a, const uint8_t *restrict b, int64_t M, int32_t *restrict out,
+                       int64_t k0, int64_t k1) {
+    if (M == 4) {
+        for (int64_t k = k0; k < k1; ++k) {
+            uint32_t x, y;
+            memcpy(&x, a + k * 4, 4);
+            memcpy(&y, b + k * 4, 4);
+            out[k] = __builtin_popcount(x ^ y);
+        }
+    } else if (M == 8) {
+        for (int64_t k = k0; k < k1; ++k) {
+            uint64_t x, y;
+            memcpy(&x, a + k * 8, 8);
+            memcpy(&y, b + k * 8, 8);
+            out[k] = __builtin_popcountll(x ^ y);
+        }
+    } else if (M == 2) {
+        for (int64_t k = k0; k < k1; ++k) {
+            uint16_t x, y;
+            memcpy(&x, a + k * 2, 2);
+            memcpy(&y, b + k * 2, 2);
+            out[k] = __builtin_popcount((uint32_t)(x ^ y));
+        }
+    } else {
+        for (int64_t k = k0; k < k1; ++k) {
+            int32_t c = 0;
+            for (int64_t i = 0; i < M; ++i) c += a[k * M + i] != b[k * M + i];
+            out[k] = c;
+        }
+    }
+}
+
+/*
+ * LMA's proposal (bame.lma.propose) in one pass over blocks [g0, g1) of M consecutive weights: the score
+ * of an entry is |G*W| where the old mask keeps it and (G*G)*lr where it does not (the same float
+ * operations as bame.lma.scores), and the top-N scores of every block are kept, ranked as nm_topn_mask_f32
+ * ranks them. Writes the bool proposal.
+ */
+void nm_lma_propose_f32(const float *restrict w, const float *restrict g, const uint8_t *restrict old,
+                        float lr, int64_t M, int64_t n, uint8_t *restrict out, int64_t g0, int64_t g1) {
+    float buf[TOPN_TILE * 4];
+    int64_t per = TOPN_TILE * 4 / M; /* blocks per chunk of scores */
+    for (int64_t c = g0; c < g1; c += per) {
+        int64_t cnt = g1 - c < per ? g1 - c : per;
+        int64_t base = c * M;
+        for (int64_t q = 0; q < cnt * M; ++q) {
+            float gv = g[base + q];
+            float kept = fabsf(gv * w[base + q]);
+            float revived = (gv * gv) * lr;
+            buf[q] = old[base + q] ? kept : revived;
+        }
+        nm_topn_mask_f32(buf, M, 1, n, 0, out + base, 0, cnt);
+    }
 }
