@@ -2,7 +2,8 @@
  * Native CPU kernels for the N:M-sparse Linear products and for mask upkeep (top-N masks, LMA proposals,
  * flip counts); bame.kernels.native loads them with ctypes.
  *
- * Plain C99, no dependency beyond libc: compiled on first use with ``cc -O3 -march=native -fPIC -shared``.
+ * C99 with two GCC/Clang extensions (__builtin_popcount, always_inline), no dependency beyond libc: compiled
+ * on first use with ``cc -O3 -march=native -fPIC -shared``.
  * Every kernel works on a row range [r0, r1) so that Python threads (ctypes releases the GIL) can split
  * the work; a row's result never depends on the split, so any split gives bit-identical output.
  *
