@@ -24,7 +24,7 @@ import math
 import torch
 
 from bame.errors import ConfigError
-from bame.nm import block_flips
+from bame.nm import _native_ready, block_flips
 
 RULES = ("and", "or")
 
@@ -44,6 +44,10 @@ def above_kth_largest(values: torch.Tensor, fraction: float) -> torch.Tensor:
     if rank == 0:
         return torch.zeros(k, dtype=torch.bool, device=values.device)
     # The rank-th largest is the (K - rank + 1)-th smallest.
+    if _native_ready(values, torch.float32) and values.is_contiguous() and not torch.isnan(values.sum()):
+        from bame.kernels import native  # lazy: bame.kernels imports bame.nm
+
+        return values > native.kth_smallest(values, k - rank)  # a radix select: the same value
     threshold = torch.kthvalue(values.float(), k - rank + 1).values
     return values > threshold
 
@@ -78,8 +82,18 @@ def restrict_with_frozen(
     """:func:`restrict`, also returning the bool ``(K,)`` vector of frozen blocks."""
     new_osc = update_osc(old_mask, proposed, osc, gamma)
     frozen = frozen_blocks(new_osc, weight_blocks, alpha, beta, rule)
-    mask = torch.where(frozen[:, None], old_mask.bool(), proposed.bool())  # (K, M)
+    old_mask, proposed = old_mask.bool(), proposed.bool()
+    word = _WORDS.get(old_mask.shape[-1])
+    if word is not None and old_mask.is_contiguous() and proposed.is_contiguous():
+        # A block of 2, 4 or 8 bool bytes is one integer: choosing whole blocks moves K words, not K*M bytes.
+        as_words = [t.reshape(-1).view(word) for t in (old_mask, proposed)]  # (K,) each
+        mask = torch.where(frozen, *as_words).view(torch.bool).view(old_mask.shape)  # (K, M)
+    else:
+        mask = torch.where(frozen[:, None], old_mask, proposed)  # (K, M)
     return mask, new_osc, frozen
+
+
+_WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # block size in bytes -> an integer of that size
 
 
 def restrict(

@@ -244,7 +244,7 @@ def test_obf_no_oscillator_when_all_equal_or_rank_zero():
 
 
 @settings(max_examples=50, deadline=None)
-@given(k=st.integers(1, 40), m=st.sampled_from([2, 4, 8]), rule=st.sampled_from(["and", "or"]),
+@given(k=st.integers(1, 40), m=st.sampled_from([2, 3, 4, 8, 16]), rule=st.sampled_from(["and", "or"]),
        alpha=st.floats(0, 1), beta=st.floats(0, 1), data=st.data())
 def test_obf_restrict_properties(k, m, rule, alpha, beta, data):
     n = data.draw(st.integers(1, m - 1))
@@ -253,6 +253,8 @@ def test_obf_restrict_properties(k, m, rule, alpha, beta, data):
     w = torch.randn(k, m)
     osc = torch.rand(k)
     mask, new_osc = obf.restrict(old, prop, w, osc, 0.9, alpha, beta, rule)
+    _, _, frozen = obf.restrict_with_frozen(old, prop, w, osc, 0.9, alpha, beta, rule)
+    assert mask.dtype == torch.bool and torch.equal(mask, torch.where(frozen[:, None], old, prop))
     assert (mask.sum(-1) == n).all()
     per_block = (mask == old).all(-1) | (mask == prop).all(-1)
     assert per_block.all()  # every block takes either its old mask or its proposal, whole

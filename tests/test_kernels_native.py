@@ -292,3 +292,36 @@ def test_native_lma_proposal_equals_scores_then_top_n(nm: tuple[int, int]) -> No
         assert torch.equal(native.lma_propose(w, grad, old, n, lr), reference)
         assert torch.equal(native.lma_propose(w, grad, old, n, lr, threads=3), reference)
         assert torch.equal(lma.propose(w, grad, old, n, lr), reference)  # the dispatch
+
+
+@needs_cc
+@pytest.mark.parametrize("kind", ["ties", "spread", "signed_zeros_and_infinities"])
+def test_native_kth_smallest_equals_kthvalue(kind: str) -> None:
+    g = torch.Generator().manual_seed(len(kind))
+    if kind == "ties":
+        v = torch.randint(0, 4, (5000,), generator=g).float()  # long runs of equal values (osc early on)
+    elif kind == "spread":
+        v = torch.randn(5000, generator=g) * torch.logspace(-30, 30, 5000)
+    else:
+        v = torch.randint(-2, 3, (5000,), generator=g).float()
+        v[v == 0] = torch.tensor([0.0, -0.0]).repeat(2500)[: int((v == 0).sum())]
+        v[:7] = float("inf")
+        v[7:11] = -float("inf")
+    for k in [0, 1, 2, 17, 2499, 2500, 4998, 4999] + torch.randint(0, 5000, (20,), generator=g).tolist():
+        assert native.kth_smallest(v, k) == torch.kthvalue(v, k + 1).values.item(), k
+
+
+@needs_cc
+def test_obf_rank_threshold_takes_the_native_select_and_agrees() -> None:
+    from bame import nm as nm_mod
+    from bame import obf
+
+    g = torch.Generator().manual_seed(3)
+    v = torch.randint(0, 50, (nm_mod._NATIVE_MIN_NUMEL + 11,), generator=g).float() / 7
+    for fraction in (0.0, 0.001, 0.3, 0.5, 1.0):
+        k, rank = v.numel(), int(fraction * v.numel())
+        expected = v > torch.kthvalue(v, k - rank + 1).values if rank else torch.zeros(k, dtype=torch.bool)
+        assert torch.equal(obf.above_kth_largest(v, fraction), expected), fraction
+    v[5] = float("nan")  # NaN: the PyTorch path decides (as before)
+    threshold = torch.kthvalue(v, v.numel() - int(0.3 * v.numel()) + 1).values
+    assert torch.equal(obf.above_kth_largest(v, 0.3), v > threshold)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shlex
 import shutil
@@ -42,6 +43,7 @@ __all__ = [
     "cache_dir",
     "check_inputs",
     "gather_rows",
+    "kth_smallest",
     "lma_propose",
     "sampled_dot",
     "scatter_rows",
@@ -54,7 +56,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("csrc") / "nm_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
-ABI_VERSION = 5  # must match nm_abi_version() in the C source
+ABI_VERSION = 6  # must match nm_abi_version() in the C source
 #: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
 MIN_PARALLEL_WORK = 1 << 18
 #: Per-core L2 the token tiles are sized for (1 MiB on current Xeons).
@@ -125,6 +127,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.nm_topn_mask_f32.argtypes = [p, i64, i64, i64, i64, p, i64, i64]
     lib.nm_block_flips_u8.argtypes = [p, p, i64, p, i64, i64]
     lib.nm_lma_propose_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, i64, i64]
+    lib.nm_kth_smallest_f32.argtypes = [p, i64, i64]
+    lib.nm_kth_smallest_f32.restype = ctypes.c_float
     for fn in (lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8, lib.nm_lma_propose_f32, lib.nm_bag_f32,
                lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32, lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32):
         fn.restype = None
@@ -477,3 +481,18 @@ def lma_propose(weight: Tensor, grad: Tensor, old: Tensor, n: int, lr: float, th
     if k > 0:
         _even_split(run, k, weight.numel() * m // 2, threads)
     return out
+
+
+def kth_smallest(values: Tensor, k: int) -> float:
+    """The ``k``-th smallest (0-based) of a contiguous float32 CPU vector without NaN (radix select).
+
+    The value ``torch.kthvalue(values, k + 1)`` gives, except that a zero is returned as +0.0.
+    """
+    lib = _require()
+    _f32(values)
+    if values.dim() != 1 or not 0 <= k < values.numel():
+        raise ValueError(f"k = {k} outside a vector of {values.numel()}")
+    x = float(lib.nm_kth_smallest_f32(values.data_ptr(), values.numel(), k))
+    if math.isnan(x):  # no memory for its histogram
+        return torch.kthvalue(values, k + 1).values.item()
+    return x

@@ -16,10 +16,11 @@
 
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Version of the C interface; native.py checks it after loading a library. */
-int64_t nm_abi_version(void) { return 5; }
+int64_t nm_abi_version(void) { return 6; }
 
 /* The largest token tile (floats): the accumulators of one bag tile stay in registers. */
 #define MAX_TW 64
@@ -427,4 +428,32 @@ void nm_lma_propose_f32(const float *restrict w, const float *restrict g, const 
         }
         nm_topn_mask_f32(buf, M, 1, n, 0, out + base, 0, cnt);
     }
+}
+
+/*
+ * The k-th smallest (0-based) of v[0..K) (OBF's rank thresholds, bame.obf.above_kth_largest): a radix
+ * select on the order-preserving keys of nm_score_key, its cost independent of the values and of ties. A
+ * 65536-bin histogram of the keys' upper halves finds the bin of the k-th smallest; a second pass histograms
+ * the lower halves of that bin's keys. -0.0 and +0.0 are one key (returned as +0.0); callers keep NaN out.
+ * Returns NaN if the histogram could not be allocated (the caller then uses another method).
+ */
+float nm_kth_smallest_f32(const float *restrict v, int64_t K, int64_t k) {
+    int64_t *hist = calloc(65536, sizeof *hist);
+    if (!hist) return NAN;
+    for (int64_t i = 0; i < K; ++i) hist[((uint32_t)nm_score_key(v[i], 0) ^ 0x80000000u) >> 16]++;
+    uint32_t hi = 0;
+    while (hi < 65535u && k >= hist[hi]) k -= hist[hi++];
+    memset(hist, 0, 65536 * sizeof *hist);
+    for (int64_t i = 0; i < K; ++i) {
+        uint32_t u = (uint32_t)nm_score_key(v[i], 0) ^ 0x80000000u;
+        if ((u >> 16) == hi) hist[u & 65535u]++;
+    }
+    uint32_t lo = 0;
+    while (lo < 65535u && k >= hist[lo]) k -= hist[lo++];
+    free(hist);
+    int32_t key = (int32_t)(((hi << 16) | lo) ^ 0x80000000u);
+    int32_t bits = key ^ ((key >> 31) & INT32_MAX); /* the key map is its own inverse */
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
 }
