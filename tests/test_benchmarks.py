@@ -89,3 +89,20 @@ def test_bench_kernel_step(tmp_path):
         assert rec["variants"]["static/sparse"]["layers"]  # per-layer plan notes
     assert {(t["nm"], t["method"]) for t in record["targets"]} == {
         ("1:16", "static"), ("1:16", "bame"), ("1:4", "static"), ("1:4", "bame")}
+
+
+def test_bench_kernels(tmp_path):
+    out = tmp_path / "bench_kernels.json"
+    cmd = [sys.executable, str(BENCH / "bench_kernels.py"), "--shapes", "64x128", "--patterns", "1:16,2:4",
+           "--tokens", "8", "--repeats", "1", "--warmup", "0", "--plan-repeats", "1", "--threads", "1",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "speed-up" in done.stdout
+    record = json.loads(out.read_text())
+    assert [(r["shape"], r["pattern"]) for r in record["results"]] == [("64x128", "1:16"), ("64x128", "2:4")]
+    for r in record["results"]:
+        assert set(r["speedup"]) == {"fwd", "dx", "dw", "step", "step*"}
+        assert r["plan"]["reason"].startswith(f"{r['pattern']} 64x128 T=8")
+        for product in ("fwd", "dx", "dw"):  # a formulation was timed for every product, even a dense pick
+            assert r["plan"]["timed"][product] != "dense"
