@@ -325,3 +325,38 @@ def test_obf_rank_threshold_takes_the_native_select_and_agrees() -> None:
     v[5] = float("nan")  # NaN: the PyTorch path decides (as before)
     threshold = torch.kthvalue(v, v.numel() - int(0.3 * v.numel()) + 1).values
     assert torch.equal(obf.above_kth_largest(v, 0.3), v > threshold)
+
+
+@needs_cc
+def test_native_srste_decay_is_bitwise_the_torch_expression() -> None:
+    g = torch.Generator().manual_seed(5)
+    grad = torch.randn(300, 130, generator=g)
+    grad[0, :8] = -0.0  # -0.0 + 0.0 is +0.0 in both
+    w = torch.randn(300, 130, generator=g) * 1e3
+    w[1, :4] = float("inf")  # inf * 0 = NaN where kept, in both
+    mask = torch.rand(300, 130, generator=g) < 0.25
+    expected = grad.clone().addcmul_(w, torch.sub(1.0, mask.float()), value=2e-4)
+    for threads in (1, 3):
+        got = grad.clone()
+        native.srste_decay_(got, w, mask, 2e-4, threads=threads)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))  # bit for bit, NaN included
+
+
+@needs_cc
+def test_sr_ste_decay_takes_the_native_kernel_on_large_layers(monkeypatch) -> None:
+    import bame
+    from bame.methods.sr_ste import add_sr_ste_decay
+
+    model = torch.nn.Sequential(torch.nn.Linear(512, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bame.sparsify(model, opt, "sr_ste", "2:4", verbose=False)
+    layer = sp.layers[0]
+    grad = torch.randn(128, 512)
+    expected = grad.clone().addcmul_(layer.weight.detach(), torch.sub(1.0, layer.mask.float()), value=2e-4)
+    calls = []
+    monkeypatch.setattr(native, "srste_decay_", lambda *a, **k: calls.append(1) or _real_decay(*a, **k))
+    add_sr_ste_decay(grad, layer, 2e-4)
+    assert calls and torch.equal(grad, expected)
+
+
+_real_decay = native.srste_decay_

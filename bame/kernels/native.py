@@ -47,6 +47,7 @@ __all__ = [
     "lma_propose",
     "sampled_dot",
     "scatter_rows",
+    "srste_decay_",
     "take",
     "to_tiles",
     "token_tile",
@@ -56,7 +57,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("csrc") / "nm_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
-ABI_VERSION = 6  # must match nm_abi_version() in the C source
+ABI_VERSION = 7  # must match nm_abi_version() in the C source
 #: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
 MIN_PARALLEL_WORK = 1 << 18
 #: Per-core L2 the token tiles are sized for (1 MiB on current Xeons).
@@ -128,8 +129,9 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.nm_block_flips_u8.argtypes = [p, p, i64, p, i64, i64]
     lib.nm_lma_propose_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, i64, i64]
     lib.nm_kth_smallest_f32.argtypes = [p, i64, i64]
+    lib.nm_srste_decay_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64]
     lib.nm_kth_smallest_f32.restype = ctypes.c_float
-    for fn in (lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8, lib.nm_lma_propose_f32, lib.nm_bag_f32,
+    for fn in (lib.nm_srste_decay_f32, lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8, lib.nm_lma_propose_f32, lib.nm_bag_f32,
                lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32, lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32):
         fn.restype = None
     return lib
@@ -496,3 +498,21 @@ def kth_smallest(values: Tensor, k: int) -> float:
     if math.isnan(x):  # no memory for its histogram
         return torch.kthvalue(values, k + 1).values.item()
     return x
+
+
+def srste_decay_(grad: Tensor, weight: Tensor, mask: Tensor, lam: float, threads: int | None = None) -> None:
+    """``grad += lam * (1 - mask) * weight`` in place (SR-STE's term), bitwise as
+    ``grad.addcmul_(weight, 1 - mask.float(), value=lam)``; contiguous float32 tensors, a bool mask."""
+    lib = _require()
+    _f32(grad, weight)
+    if mask.dtype != torch.bool or mask.device.type != "cpu" or not mask.is_contiguous():
+        raise NotImplementedError("native srste_decay_ takes a contiguous bool CPU mask")
+    if grad.shape != weight.shape or grad.shape != mask.shape:
+        raise ValueError("gradient, weight and mask must have one shape")
+    args = (grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), float(lam))
+
+    def run(q0: int, q1: int) -> None:
+        lib.nm_srste_decay_f32(*args, q0, q1)
+
+    if grad.numel() > 0:
+        _even_split(run, grad.numel(), grad.numel(), threads)

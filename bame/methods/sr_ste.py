@@ -24,7 +24,7 @@ import torch
 
 from bame.methods import register
 from bame.methods.base import Charge, Method
-from bame.nm import topn_mask
+from bame.nm import _native_ready, topn_mask
 
 
 @dataclass
@@ -34,13 +34,21 @@ class SrSteOptions:
 
 @torch.no_grad()
 def add_sr_ste_decay(grad: torch.Tensor, layer, lambda_w: float) -> None:
-    """``grad += lambda_w * (1 - B) * W`` in place: one product with a float copy of ``1 - B``.
+    """``grad += lambda_w * (1 - B) * W`` in place: one pass of the native kernel over float32 CPU tensors,
+    else one product with the cached float copy of ``1 - B``.
 
     SR-STE's sparse-refined term (no sign: L2-shaped). Bitwise equal to ``grad + lambda_w * (1 - B) * W``
-    (products with 0/1 are exact), without weight-sized bool conversions.
+    either way (products with 0/1 are exact), without weight-sized bool conversions.
     """
+    weight, mask = layer.weight.detach(), layer.mask
+    if _native_ready(grad, torch.float32) and all(t.is_contiguous() for t in (grad, weight, mask)) \
+            and weight.dtype == torch.float32 and mask.device.type == "cpu":
+        from bame.kernels import native  # lazy: bame.kernels imports bame.nm
+
+        native.srste_decay_(grad, weight, mask, lambda_w)  # one pass, the same floats
+        return
     keep = layer.par.mask_as(grad)  # cached 0/1 copy of B; the forward of this iteration made it already
-    grad.addcmul_(layer.weight.detach(), torch.sub(1.0, keep), value=lambda_w)
+    grad.addcmul_(weight, torch.sub(1.0, keep), value=lambda_w)
 
 
 def magnitude_mask(layer, n: int) -> torch.Tensor:

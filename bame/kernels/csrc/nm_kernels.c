@@ -20,7 +20,7 @@
 #include <string.h>
 
 /* Version of the C interface; native.py checks it after loading a library. */
-int64_t nm_abi_version(void) { return 6; }
+int64_t nm_abi_version(void) { return 7; }
 
 /* The largest token tile (floats): the accumulators of one bag tile stay in registers. */
 #define MAX_TW 64
@@ -456,4 +456,15 @@ float nm_kth_smallest_f32(const float *restrict v, int64_t K, int64_t k) {
     float x;
     memcpy(&x, &bits, sizeof x);
     return x;
+}
+
+/*
+ * SR-STE's sparse-refined term (bame.methods.sr_ste.add_sr_ste_decay) over entries [q0, q1):
+ *     grad[q] = grad[q] + (lam * w[q]) * (1 - mask[q])
+ * the operations of torch's grad.addcmul_(w, 1 - B, value=lam) in the same order; the product with 0 or 1
+ * is exact, so a fused multiply-add gives the same result.
+ */
+void nm_srste_decay_f32(float *restrict grad, const float *restrict w, const uint8_t *restrict mask, float lam,
+                        int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) grad[q] = grad[q] + (lam * w[q]) * (1.0f - (float)mask[q]);
 }
