@@ -131,8 +131,9 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.nm_kth_smallest_f32.argtypes = [p, i64, i64]
     lib.nm_srste_decay_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64]
     lib.nm_kth_smallest_f32.restype = ctypes.c_float
-    for fn in (lib.nm_srste_decay_f32, lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8, lib.nm_lma_propose_f32, lib.nm_bag_f32,
-               lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32, lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32):
+    for fn in (lib.nm_srste_decay_f32, lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8,
+               lib.nm_lma_propose_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32,
+               lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32):
         fn.restype = None
     return lib
 
