@@ -46,15 +46,7 @@ def propose(
     """
     m = weight_blocks.shape[-1]
     mask_blocks = mask_blocks.bool()
-    if (
-        0 < n < m
-        and _native_ready(weight_blocks, torch.float32, m)
-        and grad_blocks.dtype == torch.float32
-        and grad_blocks.device.type == "cpu"
-        and weight_blocks.is_contiguous()
-        and grad_blocks.is_contiguous()
-        and mask_blocks.is_contiguous()
-    ):
+    if 0 < n < m and _native_ready(weight_blocks, grad_blocks, masks=(mask_blocks,), m=m):
         from bame.kernels import native  # lazy: bame.kernels imports bame.nm
 
         return native.lma_propose(weight_blocks, grad_blocks, mask_blocks, n, lr)  # the same, in one pass

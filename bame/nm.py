@@ -133,7 +133,7 @@ def topn_mask(scores: torch.Tensor, n: int, magnitude: bool = False) -> torch.Te
         return mask.fill_(True)
     if n == 0:
         return mask
-    fast = _native_topn(scores.view(k, m, 1) if scores.is_contiguous() else None, n, magnitude)
+    fast = _native_topn(scores.unsqueeze(-1), n, magnitude)  # (K, M, 1): contiguous iff scores is
     if fast is not None:
         return fast.view(k, m)
     if magnitude:
@@ -153,21 +153,25 @@ def topn_mask(scores: torch.Tensor, n: int, magnitude: bool = False) -> torch.Te
     return mask.scatter_(-1, order[:, :n], True)
 
 
-def _native_ready(t: torch.Tensor | None, dtype: torch.dtype, m: int = 1) -> bool:
-    """Whether the native kernels (when built) take ``t``: a CPU tensor of ``dtype`` not requiring grad, big
-    enough that a call's overhead does not outweigh it, with groups of at most their largest M."""
-    if t is None or t.device.type != "cpu" or t.dtype != dtype or t.numel() < _NATIVE_MIN_NUMEL or t.requires_grad:
+def _native_ready(*floats: torch.Tensor, masks: tuple[torch.Tensor, ...] = (), m: int = 1) -> bool:
+    """Whether the native kernels (when built) take these tensors: ``floats`` float32, ``masks`` bool, every
+    one a contiguous CPU tensor not requiring grad, the first big enough that a call's overhead does not
+    outweigh it, and groups of at most the kernels' largest M."""
+    tensors = (*floats, *masks)
+    if tensors[0].numel() < _NATIVE_MIN_NUMEL:
         return False
+    for t, dtype in zip(tensors, [torch.float32] * len(floats) + [torch.bool] * len(masks)):
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or t.requires_grad:
+            return False
     from bame.kernels import native  # lazy: bame.kernels imports this module
 
     return m <= native.TOPN_MAX_M and native.available()
 
 
-def _native_topn(scores: torch.Tensor | None, n: int, magnitude: bool) -> torch.Tensor | None:
-    """The native kernel's top-N of a contiguous float32 CPU ``(G, M, R)`` tensor (the same selection), or
-    None where it does not apply: other dtypes and devices, M above its limit, small tensors, or no native
-    kernels here."""
-    if scores is None or not _native_ready(scores, torch.float32, scores.shape[1]):
+def _native_topn(scores: torch.Tensor, n: int, magnitude: bool) -> torch.Tensor | None:
+    """The native kernel's top-N of a float32 CPU ``(G, M, R)`` tensor (the same selection), or None where
+    it does not apply (see :func:`_native_ready`)."""
+    if not _native_ready(scores, m=scores.shape[1]):
         return None
     from bame.kernels import native
 
@@ -191,7 +195,7 @@ def topn_mask_grouped(scores: torch.Tensor, n: int, magnitude: bool = False) -> 
     """
     g, m, r = scores.shape
     if 0 < n < m:
-        fast = _native_topn(scores if scores.is_contiguous() else None, n, magnitude)
+        fast = _native_topn(scores, n, magnitude)
         if fast is not None:
             return fast
     if magnitude:
@@ -229,7 +233,7 @@ def block_flips(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """
     old, new = old.bool(), new.bool()
     m = old.shape[-1]
-    if _native_ready(old, torch.bool) and new.device.type == "cpu" and old.is_contiguous() and new.is_contiguous():
+    if _native_ready(masks=(old, new)):
         from bame.kernels import native
 
         return native.block_flips(old, new)

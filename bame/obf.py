@@ -44,7 +44,7 @@ def above_kth_largest(values: torch.Tensor, fraction: float) -> torch.Tensor:
     if rank == 0:
         return torch.zeros(k, dtype=torch.bool, device=values.device)
     # The rank-th largest is the (K - rank + 1)-th smallest.
-    if _native_ready(values, torch.float32) and values.is_contiguous() and not torch.isnan(values.sum()):
+    if _native_ready(values) and not torch.isnan(values.sum()):
         from bame.kernels import native  # lazy: bame.kernels imports bame.nm
 
         return values > native.kth_smallest(values, k - rank)  # a radix select: the same value

@@ -425,6 +425,11 @@ def take(src: Tensor, idx: Tensor, threads: int | None = None) -> Tensor:
 TOPN_MAX_M = 32
 
 
+def _check_topn(n: int, m: int) -> None:
+    if not 0 < m <= TOPN_MAX_M or not 0 <= n <= m:
+        raise ValueError(f"native top-N keeps 0..M of M <= {TOPN_MAX_M} per group, not {n} of {m}")
+
+
 def topn_mask(scores: Tensor, n: int, magnitude: bool = False, threads: int | None = None) -> Tensor:
     """The N largest of every group along dim 1 of a contiguous float32 ``(G, M, R)`` tensor, as bool.
 
@@ -434,8 +439,7 @@ def topn_mask(scores: Tensor, n: int, magnitude: bool = False, threads: int | No
     lib = _require()
     _f32(scores)
     g, m, r = scores.shape
-    if not 0 < m <= TOPN_MAX_M or not 0 <= n <= m:
-        raise ValueError(f"native top-N keeps 0..M of M <= {TOPN_MAX_M} per group, not {n} of {m}")
+    _check_topn(n, m)
     out = torch.empty((g, m, r), dtype=torch.bool)
     args = (scores.data_ptr(), m, r, n, int(magnitude), out.data_ptr())
 
@@ -473,8 +477,7 @@ def lma_propose(weight: Tensor, grad: Tensor, old: Tensor, n: int, lr: float, th
     k, m = weight.shape
     if grad.shape != (k, m) or old.shape != (k, m) or old.dtype != torch.bool or not old.is_contiguous():
         raise ValueError("native lma_propose needs (K, M) weight, gradient and bool mask blocks")
-    if not 0 < m <= TOPN_MAX_M or not 0 <= n <= m:
-        raise ValueError(f"native top-N keeps 0..M of M <= {TOPN_MAX_M} per group, not {n} of {m}")
+    _check_topn(n, m)
     out = torch.empty((k, m), dtype=torch.bool)
     args = (weight.data_ptr(), grad.data_ptr(), old.data_ptr(), float(lr), m, n, out.data_ptr())
 

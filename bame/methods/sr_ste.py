@@ -41,8 +41,7 @@ def add_sr_ste_decay(grad: torch.Tensor, layer, lambda_w: float) -> None:
     either way (products with 0/1 are exact), without weight-sized bool conversions.
     """
     weight, mask = layer.weight.detach(), layer.mask
-    if _native_ready(grad, torch.float32) and all(t.is_contiguous() for t in (grad, weight, mask)) \
-            and weight.dtype == torch.float32 and mask.device.type == "cpu":
+    if _native_ready(grad, weight, masks=(mask,)):
         from bame.kernels import native  # lazy: bame.kernels imports bame.nm
 
         native.srste_decay_(grad, weight, mask, lambda_w)  # one pass, the same floats

@@ -375,35 +375,30 @@ void nm_topn_mask_f32(const float *restrict s, int64_t M, int64_t R, int64_t n, 
  * two bool (0/1 byte) masks. Blocks of 2, 4 or 8 bytes are compared as one word: the XOR of 0/1 bytes has
  * one bit per differing entry, so its popcount is the count.
  */
+static inline __attribute__((always_inline)) void nm_block_flips_words(const uint8_t *restrict a,
+                                                                       const uint8_t *restrict b, int64_t M,
+                                                                       int32_t *restrict out, int64_t k0,
+                                                                       int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+        uint64_t x = 0, y = 0;
+        memcpy(&x, a + k * M, (size_t)M);
+        memcpy(&y, b + k * M, (size_t)M);
+        out[k] = __builtin_popcountll(x ^ y);
+    }
+}
+
 void nm_block_flips_u8(const uint8_t *restrict a, const uint8_t *restrict b, int64_t M, int32_t *restrict out,
                        int64_t k0, int64_t k1) {
-    if (M == 4) {
-        for (int64_t k = k0; k < k1; ++k) {
-            uint32_t x, y;
-            memcpy(&x, a + k * 4, 4);
-            memcpy(&y, b + k * 4, 4);
-            out[k] = __builtin_popcount(x ^ y);
-        }
-    } else if (M == 8) {
-        for (int64_t k = k0; k < k1; ++k) {
-            uint64_t x, y;
-            memcpy(&x, a + k * 8, 8);
-            memcpy(&y, b + k * 8, 8);
-            out[k] = __builtin_popcountll(x ^ y);
-        }
-    } else if (M == 2) {
-        for (int64_t k = k0; k < k1; ++k) {
-            uint16_t x, y;
-            memcpy(&x, a + k * 2, 2);
-            memcpy(&y, b + k * 2, 2);
-            out[k] = __builtin_popcount((uint32_t)(x ^ y));
-        }
-    } else {
-        for (int64_t k = k0; k < k1; ++k) {
-            int32_t c = 0;
-            for (int64_t i = 0; i < M; ++i) c += a[k * M + i] != b[k * M + i];
-            out[k] = c;
-        }
+    switch (M) { /* a constant size per case: each memcpy becomes one load */
+        case 2: nm_block_flips_words(a, b, 2, out, k0, k1); return;
+        case 4: nm_block_flips_words(a, b, 4, out, k0, k1); return;
+        case 8: nm_block_flips_words(a, b, 8, out, k0, k1); return;
+        default:
+            for (int64_t k = k0; k < k1; ++k) {
+                int32_t c = 0;
+                for (int64_t i = 0; i < M; ++i) c += a[k * M + i] != b[k * M + i];
+                out[k] = c;
+            }
     }
 }
 
