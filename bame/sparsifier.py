@@ -145,7 +145,7 @@ class Sparsifier:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         method: Method,
         *,
         group_axis: str,
@@ -165,8 +165,11 @@ class Sparsifier:
         self.step_callbacks: list[Callable[[int], None]] = []  # called with t after each step
         self._hooks: list[Any] = []
         self._squashed = False
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_keeps_zeros = False
         self._select(include, exclude, layer_filter)
-        self.bind(optimizer)
+        if optimizer is not None:
+            self.bind(optimizer)
         for layer in self.layers:
             method.init_layer(layer, self)
         self._ddp_ignore_buffers()
@@ -248,6 +251,8 @@ class Sparsifier:
     @torch.no_grad()
     def zero_optimizer_state(self, param: torch.Tensor, where: torch.Tensor) -> None:
         """Zero every optimizer-state tensor of ``param`` (momentum, Adam moments ...) at ``where``."""
+        if self.optimizer is None:
+            return
         for value in self.optimizer.state.get(param, {}).values():
             if torch.is_tensor(value) and value.shape == param.shape:
                 value.masked_fill_(where, 0)
@@ -380,7 +385,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def sparsify(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     method: str = "bame",
     nm: str | tuple[int, int] = "2:4",
     total_steps: int | None = None,
@@ -399,7 +404,8 @@ def sparsify(
 
     Args:
         model: the model (or its DistributedDataParallel wrapper).
-        optimizer: the optimizer that updates it; the sparsifier hooks its ``step``.
+        optimizer: the optimizer that updates it; the sparsifier hooks its ``step``. None: attach the masks
+            now and call :meth:`Sparsifier.bind` once the optimizer exists (frameworks that create it later).
         method: a registered method name (see :func:`bame.methods.available`).
         nm: the N:M pattern, e.g. ``"2:4"`` or ``"1:16"``.
         total_steps: the run's number of optimizer steps T (needed for fractional schedule options).
