@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from bame.nm import _native_ready, topn_mask
+from bame import native
+from bame.nm import topn_mask
 
 
 def scores(
@@ -46,8 +47,6 @@ def propose(
     """
     m = weight_blocks.shape[-1]
     mask_blocks = mask_blocks.bool()
-    if 0 < n < m and _native_ready(weight_blocks, grad_blocks, masks=(mask_blocks,), m=m):
-        from bame.kernels import native  # lazy: bame.kernels imports bame.nm
-
+    if 0 < n < m and native.ready(weight_blocks, grad_blocks, masks=(mask_blocks,), m=m):
         return native.lma_propose(weight_blocks, grad_blocks, mask_blocks, n, lr)  # the same, in one pass
     return topn_mask(scores(weight_blocks, grad_blocks, mask_blocks, lr), n)

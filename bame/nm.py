@@ -21,12 +21,12 @@ import re
 
 import torch
 
+from bame import native
 from bame.errors import ConfigError
 
 GROUP_AXES = ("cin", "kflat")
 _ALL_AXES = ("cin", "kflat", "out")
 _PAIRWISE_MAX_M = 4  # up to this block size a round robin of comparisons beats argmax passes and sorts
-_NATIVE_MIN_NUMEL = 1 << 15  # from this many scores the native top-N kernel (when built) beats the others
 _ARGMAX_MAX_N = 4  # above this a stable sort of each block is faster than N argmax passes
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -153,28 +153,11 @@ def topn_mask(scores: torch.Tensor, n: int, magnitude: bool = False) -> torch.Te
     return mask.scatter_(-1, order[:, :n], True)
 
 
-def _native_ready(*floats: torch.Tensor, masks: tuple[torch.Tensor, ...] = (), m: int = 1) -> bool:
-    """Whether the native kernels (when built) take these tensors: ``floats`` float32, ``masks`` bool, every
-    one a contiguous CPU tensor not requiring grad, the first big enough that a call's overhead does not
-    outweigh it, and groups of at most the kernels' largest M."""
-    tensors = (*floats, *masks)
-    if tensors[0].numel() < _NATIVE_MIN_NUMEL:
-        return False
-    for t, dtype in zip(tensors, [torch.float32] * len(floats) + [torch.bool] * len(masks)):
-        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or t.requires_grad:
-            return False
-    from bame.kernels import native  # lazy: bame.kernels imports this module
-
-    return m <= native.TOPN_MAX_M and native.available()
-
-
 def _native_topn(scores: torch.Tensor, n: int, magnitude: bool) -> torch.Tensor | None:
     """The native kernel's top-N of a float32 CPU ``(G, M, R)`` tensor (the same selection), or None where
-    it does not apply (see :func:`_native_ready`)."""
-    if not _native_ready(scores, m=scores.shape[1]):
+    it does not apply (see :func:`bame.native.ready`)."""
+    if not native.ready(scores, m=scores.shape[1]):
         return None
-    from bame.kernels import native
-
     return native.topn_mask(scores, n, magnitude)
 
 
@@ -233,9 +216,7 @@ def block_flips(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """
     old, new = old.bool(), new.bool()
     m = old.shape[-1]
-    if _native_ready(masks=(old, new)):
-        from bame.kernels import native
-
+    if native.ready(masks=(old, new)):
         return native.block_flips(old, new)
     if m > 16:
         return (old != new).sum(dim=-1, dtype=torch.int32)

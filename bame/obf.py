@@ -24,7 +24,8 @@ import math
 import torch
 
 from bame.errors import ConfigError
-from bame.nm import _native_ready, block_flips
+from bame import native
+from bame.nm import block_flips
 
 RULES = ("and", "or")
 
@@ -44,9 +45,7 @@ def above_kth_largest(values: torch.Tensor, fraction: float) -> torch.Tensor:
     if rank == 0:
         return torch.zeros(k, dtype=torch.bool, device=values.device)
     # The rank-th largest is the (K - rank + 1)-th smallest.
-    if _native_ready(values) and not torch.isnan(values.sum()):
-        from bame.kernels import native  # lazy: bame.kernels imports bame.nm
-
+    if native.ready(values) and not torch.isnan(values.sum()):
         return values > native.kth_smallest(values, k - rank)  # a radix select: the same value
     threshold = torch.kthvalue(values.float(), k - rank + 1).values
     return values > threshold

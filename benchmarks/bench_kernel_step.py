@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bame
-from bame.kernels import native
+from bame import native
 
 TARGETS = {"1:16": 2.0, "1:4": 1.3}  # required speed-up of the whole (amortised) step over dense
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from bame.errors import ConfigError
-from bame.kernels import NMLinearFunction, Plan, choose_plan, clear_plan_cache, native, nm_linear, pack, unpack
+from bame import native
+from bame.kernels import NMLinearFunction, Plan, choose_plan, clear_plan_cache, nm_linear, pack, unpack
 from bame.kernels.linear import CUDA_ONLY, dw_full, fwd_semi_structured, scatter_values
 from bame.kernels.linear import FORWARD as ALL_FORWARD
 from bame.kernels.linear import INPUT_GRAD as ALL_INPUT_GRAD

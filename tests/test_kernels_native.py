@@ -1,4 +1,4 @@
-"""bame.kernels.native: the C kernels against dense references, thread splits, NMLinearFunction with a native
+"""bame.native: the C kernels against dense references, thread splits, NMLinearFunction with a native
 plan, and the fallbacks (no compiler, a corrupt cached library, ``BAME_NATIVE=0``)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bame.kernels import Plan, choose_plan, clear_plan_cache, native, nm_linear, pack, unpack
+from bame import native
+from bame.kernels import Plan, choose_plan, clear_plan_cache, nm_linear, pack, unpack
 from bame.kernels.linear import dw_native, dx_native, fwd_native, native_tiles, scatter_values
 from bame.kernels.plan import random_nm_mask
 
@@ -174,7 +175,7 @@ def test_build_is_cached_and_corrupt_library_rebuilt(monkeypatch, tmp_path) -> N
     corrupt.write_bytes(b"not a shared library")
     os.replace(corrupt, lib)
     # A fresh process (this one keeps the old library mapped) finds the corrupt file and rebuilds it.
-    code = "from bame.kernels import native; assert native.available(), native.unavailable_reason()"
+    code = "from bame import native; assert native.available(), native.unavailable_reason()"
     env = {**os.environ, "BAME_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -224,7 +225,7 @@ def test_grouped_topn_dispatches_to_native_and_matches(nm: tuple[int, int], monk
 
     n, m = nm
     w = _awkward_scores(m * 64, 600, seed=n).view(64, m, 600)  # (G, M, R): 64 groups of M rows
-    assert w.numel() >= nm_mod._NATIVE_MIN_NUMEL  # big enough to take the native kernel
+    assert w.numel() >= native.MIN_NUMEL  # big enough to take the native kernel
     calls = []
     monkeypatch.setattr(native, "topn_mask", lambda *a, **kw: calls.append(1) or _real_topn(*a, **kw))
     got = nm_mod.topn_mask_grouped(w, n)
@@ -261,7 +262,7 @@ def test_native_block_flips_equal_a_plain_count(m: int) -> None:
     from bame import nm as nm_mod
 
     g = torch.Generator().manual_seed(m)
-    k = max(nm_mod._NATIVE_MIN_NUMEL // m + 7, 10)
+    k = max(native.MIN_NUMEL // m + 7, 10)
     a, b = torch.rand(k, m, generator=g) > 0.5, torch.rand(k, m, generator=g) > 0.5
     expected = (a != b).sum(-1).to(torch.int32)
     assert torch.equal(native.block_flips(a, b), expected)
@@ -317,7 +318,7 @@ def test_obf_rank_threshold_takes_the_native_select_and_agrees() -> None:
     from bame import obf
 
     g = torch.Generator().manual_seed(3)
-    v = torch.randint(0, 50, (nm_mod._NATIVE_MIN_NUMEL + 11,), generator=g).float() / 7
+    v = torch.randint(0, 50, (native.MIN_NUMEL + 11,), generator=g).float() / 7
     for fraction in (0.0, 0.001, 0.3, 0.5, 1.0):
         k, rank = v.numel(), int(fraction * v.numel())
         expected = v > torch.kthvalue(v, k - rank + 1).values if rank else torch.zeros(k, dtype=torch.bool)

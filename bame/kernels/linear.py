@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bame.kernels import native
+from bame import native
 from bame.kernels.packed import Packed, csr_tensor, unpack
 from bame.kernels.tiles import from_tiles, layer_tile, to_tiles
 
@@ -181,7 +181,7 @@ def scatter_values(grad_values: Tensor, packed: Packed) -> Tensor:
     return unpack(packed.with_values(grad_values))
 
 
-# -- native C kernels (bame.kernels.native) on their own token tiling -------------------------------------
+# -- native C kernels (bame.native) on their own token tiling -------------------------------------
 def native_tile(packed: Packed, tokens: int) -> int:
     """Tokens per tile of the native kernels' tables for this layer (one size, so x and dY tiles align)."""
     return native.token_tile(max(packed.shape), tokens)

@@ -24,7 +24,8 @@ import torch
 
 from bame.methods import register
 from bame.methods.base import Charge, Method
-from bame.nm import _native_ready, topn_mask
+from bame import native
+from bame.nm import topn_mask
 
 
 @dataclass
@@ -41,9 +42,7 @@ def add_sr_ste_decay(grad: torch.Tensor, layer, lambda_w: float) -> None:
     either way (products with 0/1 are exact), without weight-sized bool conversions.
     """
     weight, mask = layer.weight.detach(), layer.mask
-    if _native_ready(grad, weight, masks=(mask,)):
-        from bame.kernels import native  # lazy: bame.kernels imports bame.nm
-
+    if native.ready(grad, weight, masks=(mask,)):
         native.srste_decay_(grad, weight, mask, lambda_w)  # one pass, the same floats
         return
     keep = layer.par.mask_as(grad)  # cached 0/1 copy of B; the forward of this iteration made it already

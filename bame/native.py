@@ -1,6 +1,6 @@
 """Native CPU kernels (plain C, loaded with ctypes) for the N:M products and mask upkeep, compiled on first use.
 
-``csrc/nm_kernels.c`` is compiled with the system C compiler (``$CC``, else ``cc``) as
+``bame/csrc/nm_kernels.c`` is compiled with the system C compiler (``$CC``, else ``cc``) as
 ``-O3 -march=native -fPIC -shared`` into a cache directory (``$BAME_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/bame``, else ``~/.cache/bame``). The file name is keyed by a hash of the source, the
 compiler command and flags, the compiler's ``--version`` and the CPU model and flags, so a changed source,
@@ -11,7 +11,8 @@ never load a half-written library; a cached library that fails to load is rebuil
 Nothing here raises at import time: :func:`available` says whether the kernels can be used and
 :func:`unavailable_reason` why not (no compiler, a failed build, ``BAME_NATIVE=0``). The product functions
 raise ``NotImplementedError`` when the kernels are unavailable or the inputs are not float32 CPU tensors,
-which makes :func:`bame.kernels.choose_plan` skip the ``"native"`` formulations.
+which makes :func:`bame.kernels.choose_plan` skip the ``"native"`` formulations; the mask-upkeep callers in
+:mod:`bame.nm`, :mod:`bame.lma` and :mod:`bame.obf` ask :func:`ready` first and fall back to PyTorch.
 
 Parallelism: ctypes releases the GIL during a call, so a call is split by row ranges over
 ``torch.get_num_threads()`` Python threads (balanced by slot count) when the work is large enough. A row's
@@ -38,6 +39,7 @@ from torch import Tensor
 __all__ = [
     "FLAGS",
     "available",
+    "ready",
     "bag",
     "block_flips",
     "cache_dir",
@@ -60,6 +62,9 @@ FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 ABI_VERSION = 7  # must match nm_abi_version() in the C source
 #: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
 MIN_PARALLEL_WORK = 1 << 18
+#: Elements from which a mask-upkeep call (top-N, flip counts, LMA, OBF ranks) beats PyTorch's ops: below
+#: it the call's fixed cost outweighs the work.
+MIN_NUMEL = 1 << 15
 #: Per-core L2 the token tiles are sized for (1 MiB on current Xeons).
 L2_BYTES = 1 << 20
 
@@ -187,6 +192,22 @@ def unavailable_reason() -> str | None:
     """One line on why the native kernels cannot run (None when they can)."""
     _lib()
     return _state[_env_key()][1]
+
+
+def ready(*floats: Tensor, masks: tuple[Tensor, ...] = (), m: int = 1) -> bool:
+    """Whether a mask-upkeep kernel takes these tensors (the one gate every caller uses).
+
+    ``floats`` must be float32 and ``masks`` bool, every one a contiguous CPU tensor not requiring grad; the
+    first must hold at least :data:`MIN_NUMEL` elements (below that a call's overhead outweighs it), groups
+    must be at most :data:`TOPN_MAX_M` wide, and the kernels must have been built.
+    """
+    tensors = (*floats, *masks)
+    if not tensors or tensors[0].numel() < MIN_NUMEL or m > TOPN_MAX_M:
+        return False
+    for t, dtype in zip(tensors, [torch.float32] * len(floats) + [torch.bool] * len(masks)):
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or t.requires_grad:
+            return False
+    return available()
 
 
 def _require() -> ctypes.CDLL:

@@ -1,6 +1,6 @@
 /*
  * Native CPU kernels for the N:M-sparse Linear products and for mask upkeep (top-N masks, LMA proposals,
- * flip counts); bame.kernels.native loads them with ctypes.
+ * flip counts); bame.native loads them with ctypes.
  *
  * C99 with two GCC/Clang extensions (__builtin_popcount, always_inline), no dependency beyond libc: compiled
  * on first use with ``cc -O3 -march=native -fPIC -shared``.
