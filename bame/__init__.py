@@ -8,7 +8,8 @@ See :func:`bame.sparsify` and ``bame.methods.available()``.
 
 from bame.errors import BameError
 from bame.export import load_compressed
-from bame.sparsifier import SparseLayer, Sparsifier, sparsify
+from bame.factory import sparsify
+from bame.sparsifier import SparseLayer, Sparsifier
 
 __version__ = "0.1.0"
 

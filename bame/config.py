@@ -1,51 +1,63 @@
-"""One typed config: the single source of defaults for the API, the CLI flags and the YAML recipes.
+"""One typed config: the single source of defaults, types and help for the API, the CLI flags and the recipes.
 
 A recipe states only what differs from these defaults; command-line flags given explicitly override the
-recipe. The fully resolved config is written into every run directory as ``config.yaml``.
+recipe. Every value is checked when the config is built (:func:`build`), the method's options included, so
+a wrong value fails before any data set is read or any worker process is started. The fully resolved
+config, with the method's options resolved to iterations, is written into every run directory as
+``config.yaml``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bame.errors import ConfigError
+from bame.options import check_type, check_value, default_of, option
+
+OPTIMIZERS = ("sgd", "adamw")
+KERNELS = ("dense", "sparse")
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run."""
 
-    dataset: str = "digits"
-    model: str | None = None  # None: the dataset's default model
-    width: float = 1.0  # channel multiplier (the paper's wider ResNet-32 is width 2)
-    method: str = "bame"
-    nm: str = "2:4"
-    group_axis: str = "cin"
-    method_options: dict[str, Any] = field(default_factory=dict)  # e.g. delta_t, alpha, t_i
-    epochs: int = 10
-    batch_size: int = 256  # global batch over all processes (the paper: 256)
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.1  # the paper: 0.1, cosine annealing
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    max_steps: int | None = None  # stop after this many steps; the schedules are fitted to it
-    data_dir: str | None = None
-    download: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    workers: int = 0
-    amp: bool = False
-    kernel: str = "dense"  # dense | sparse (N:M kernels for Linear layers on CPU)
-    check_masks: bool = False  # verify masks are identical on every rank after each update
-    target: dict[str, Any] = field(default_factory=dict)  # a recipe's paper figures, for reports
+    dataset: str = option("digits", "dataset name (bame datasets)")
+    model: str | None = option(None, "model name (bame models); default: the dataset's")
+    model_options: dict[str, Any] = option(None, "model-specific options, e.g. shortcut=B for the CIFAR ResNets",
+                                           default_factory=dict)
+    width: float = option(1.0, "channel multiplier (the paper's wider ResNet-32 is width 2)", above=0.0)
+    method: str = option("bame", "sparse-training method (bame methods)")
+    nm: str = option("2:4", "N:M pattern, e.g. 2:4 or 1:16")
+    group_axis: str = option("cin", "where blocks of M run: cin (input channels) or kflat (flattened kernel)",
+                             choices=("cin", "kflat"))
+    method_options: dict[str, Any] = option(None, "the method's own options, e.g. delta_t, alpha, t_i",
+                                            default_factory=dict)
+    epochs: int = option(10, "nominal epochs", low=1)
+    batch_size: int = option(256, "global batch size over all processes (the paper: 256)", low=1)
+    optimizer: str = option("sgd", "sgd or adamw", choices=OPTIMIZERS)
+    lr: float = option(0.1, "peak learning rate, cosine annealing (the paper: 0.1)", above=0.0)
+    momentum: float = option(0.9, "SGD momentum", low=0.0)
+    nesterov: bool = option(False, "Nesterov momentum (SGD)")
+    weight_decay: float = option(5e-4, "weight decay (coupled for SGD, decoupled for AdamW)", low=0.0)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", low=0.0, high=1.0)
+    warmup_epochs: float = option(0.0, "linear learning-rate warm-up, in epochs", low=0.0)
+    seed: int = option(0, "seed of the weights, the data order and the method's random choices", low=0)
+    max_steps: int | None = option(None, "stop after K steps; the schedules are fitted to K", low=1)
+    data_dir: str | None = option(None, "where the dataset files are")
+    download: bool = option(False, "download the dataset when missing (cifar10, fashion-mnist)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    workers: int = option(0, "data-loading worker processes (ImageNet)", low=0)
+    amp: bool = option(False, "automatic mixed precision (bf16 on CPU, fp16 with a GradScaler on CUDA)")
+    kernel: str = option("dense", "dense (masked products) or sparse (N:M kernels for Linear layers and 1x1 "
+                                  "convolutions)", choices=KERNELS)
+    check_masks: bool = option(False, "verify after every mask update that all ranks hold identical masks")
+    target: dict[str, Any] = option(None, "a recipe's paper figures, for reports", default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -54,10 +66,12 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 #: Fields that may change on --resume (they do not change what is computed).
 RESUMABLE = {"workers", "data_dir", "download", "device", "check_masks", "target"}
+#: Keys of ``config.yaml`` that are not options: what the run resolved them to.
+RESOLVED = "resolved"
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe; refuse unknown keys."""
+    """Read a YAML recipe (or a run's ``config.yaml``); refuse unknown keys."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} not found")
@@ -67,6 +81,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of options")
+    data.pop(RESOLVED, None)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ConfigError(f"recipe {path}: unknown option(s) {', '.join(unknown)}")
@@ -76,73 +91,55 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def build(*layers: dict[str, Any]) -> TrainConfig:
-    """Merge option dicts (later wins; ``method_options`` merge key by key) into a TrainConfig."""
+    """Merge option dicts (later wins; ``method_options`` and ``model_options`` merge key by key) into a
+    checked TrainConfig."""
     merged: dict[str, Any] = {}
-    options: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {"method_options": {}, "model_options": {}}
     for layer in layers:
         for key, value in layer.items():
             if key not in FIELDS:
                 raise ConfigError(f"unknown option {key!r}")
-            if key == "method_options":
+            if key in nested:
                 if not isinstance(value or {}, dict):
-                    raise ConfigError(f"method_options must be a mapping of option: value, not {value!r}")
-                options.update(value or {})
+                    raise ConfigError(f"{key} must be a mapping of option: value, not {value!r}")
+                nested[key].update(value or {})
             else:
                 merged[key] = value
-    cfg = TrainConfig(**merged, method_options=options)
+    cfg = TrainConfig(**merged, **nested)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Cheap checks of values (registries check names when they are used)."""
-    from bame.nm import GROUP_AXES, parse_nm  # imports torch: not at import time
+    """Every value's type and range, the N:M pattern, and the method's options (before any data is read)."""
+    from bame import methods  # the registry imports torch: not at import time of the command line
+    from bame.nm import parse_nm
 
-    _check_types(cfg)
-    parse_nm(cfg.nm)  # before any data is loaded, and in ``train --nproc``'s launcher
-    if cfg.group_axis not in GROUP_AXES:
-        raise ConfigError(f"unknown group_axis {cfg.group_axis!r}: choose one of {', '.join(GROUP_AXES)}")
-    positive = {"epochs": cfg.epochs, "batch_size": cfg.batch_size}
-    for name, value in positive.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, not {value!r}")
-    if cfg.max_steps is not None and (not isinstance(cfg.max_steps, int) or cfg.max_steps <= 0):
-        raise ConfigError(f"max_steps must be a positive integer, not {cfg.max_steps!r}")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        raise ConfigError(f"optimizer must be 'sgd' or 'adamw', not {cfg.optimizer!r}")
+    for f in dataclasses.fields(cfg):
+        check_type(f.name, getattr(cfg, f.name), f.type)
+        check_value(f.name, getattr(cfg, f.name), dict(f.metadata))
+    parse_nm(cfg.nm)
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda, not {cfg.device!r}")
-    if cfg.kernel not in ("dense", "sparse"):
-        raise ConfigError(f"kernel must be 'dense' or 'sparse', not {cfg.kernel!r}")
-    if not cfg.lr > 0:
-        raise ConfigError(f"lr must be positive, not {cfg.lr!r}")
-
-
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,),
-                                       "dict[str, Any]": (dict,)}
-
-
-def _check_types(cfg: TrainConfig) -> None:
-    """Each value has its field's type (a recipe's ``lr: fast`` would fail deep inside torch)."""
-    for f in dataclasses.fields(cfg):
-        value, kinds = getattr(cfg, f.name), [k.strip() for k in str(f.type).split("|")]
-        if value is None and "None" in kinds:
-            continue
-        allowed = tuple(t for k in kinds if k != "None" for t in _TYPES.get(k, (object,)))
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise ConfigError(f"{f.name} must be {' or '.join(kinds)}, not {value!r}")
+    methods.get(cfg.method).make_options(**cfg.method_options)  # unknown names and bad values fail here
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences between two resolved configs, ignoring the resumable fields."""
     out = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted((set(saved) | set(current)) - {RESOLVED}):
         if key in RESUMABLE:
             continue
+        if key not in saved and key in FIELDS and current.get(key) == default_of(FIELDS[key]):
+            continue  # an option newer than the saved config, at its default: the same run
         if saved.get(key) != current.get(key):
             out.append(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}")
     return out
 
 
-def dump(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump(cfg: TrainConfig, resolved: dict[str, Any] | None = None) -> str:
+    """``config.yaml``: the config, and what the run resolved (T, the method's options in iterations)."""
+    data = cfg.to_dict()
+    if resolved:
+        data[RESOLVED] = resolved
+    return yaml.safe_dump(data, sort_keys=False)

@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from bame import checkpoint, config, data, distributed, flops, methods, models
 from bame.errors import BameError, CheckpointError, ConfigError, TrainingError
-from bame.schedules import cosine_lr
-from bame.sparsifier import Sparsifier, sparsify
+from bame.factory import sparsify
+from bame.schedules import cosine_lr, schedule_lengths
+from bame.sparsifier import Sparsifier
 
 log = logging.getLogger("bame")
 FORMAT = "bame-checkpoint-1"
@@ -75,15 +76,26 @@ def _make_optimizer(cfg: config.TrainConfig, model: nn.Module) -> torch.optim.Op
                            weight_decay=cfg.weight_decay)
 
 
-def _schedule_lengths(cfg: config.TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
-    """(total steps including a method's extra training, the nominal dense-baseline steps)."""
-    factor = methods.get(cfg.method).schedule_factor
-    nominal = cfg.epochs * steps_per_epoch
-    total = int(round(nominal * factor))
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-        nominal = min(nominal, int(round(total / factor)))
-    return total, max(1, nominal)
+def run_lengths(cfg: config.TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(T, nominal)`` of a run of ``cfg``: :func:`bame.schedules.schedule_lengths` with its method's factor."""
+    return schedule_lengths(cfg.epochs, steps_per_epoch, methods.get(cfg.method).schedule_factor, cfg.max_steps)
+
+
+def create_model(cfg: config.TrainConfig) -> nn.Module:
+    """A freshly initialised model of ``cfg`` (seeded: identical weights on every rank and in ``bame flops``)."""
+    spec = data.get_spec(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    return models.create(cfg.model or spec.default_model, num_classes=spec.num_classes,
+                         in_channels=spec.in_channels, image_size=spec.image_size, width=cfg.width,
+                         **cfg.model_options)
+
+
+def attach(cfg: config.TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None, total: int,
+           steps_per_epoch: int, verbose: bool = True) -> Sparsifier:
+    """``cfg``'s sparsifier on ``model`` for a run of ``total`` steps."""
+    return sparsify(model, optimizer, cfg.method, cfg.nm, total_steps=total, group_axis=cfg.group_axis,
+                    seed=cfg.seed, steps_per_epoch=steps_per_epoch, verbose=verbose, kernel=cfg.kernel,
+                    **cfg.method_options)
 
 
 def build(cfg: config.TrainConfig, out: Path, info: distributed.DistInfo) -> Run:
@@ -95,15 +107,11 @@ def build(cfg: config.TrainConfig, out: Path, info: distributed.DistInfo) -> Run
     test_loader = data.build_loader(cfg.dataset, "test", **loader_args)
     if len(train_loader) == 0:
         raise ConfigError(f"batch size {cfg.batch_size} is larger than the {cfg.dataset} training set")
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = models.create(cfg.model or spec.default_model, num_classes=spec.num_classes,
-                          in_channels=spec.in_channels, image_size=spec.image_size, width=cfg.width)
+    model = create_model(cfg)
     model.to(info.device)
-    total, nominal = _schedule_lengths(cfg, len(train_loader))
+    total, nominal = run_lengths(cfg, len(train_loader))
     optimizer = _make_optimizer(cfg, model)
-    sparsifier = sparsify(model, optimizer, cfg.method, cfg.nm, total_steps=total, group_axis=cfg.group_axis,
-                          seed=cfg.seed, steps_per_epoch=len(train_loader), verbose=info.is_main, kernel=cfg.kernel,
-                          **cfg.method_options)
+    sparsifier = attach(cfg, model, optimizer, total, len(train_loader), verbose=info.is_main)
     cost = flops.measure(model, (spec.in_channels, spec.image_size, spec.image_size))
     ledger = flops.Ledger(cost, batch_size=cfg.batch_size, nominal_steps=nominal)
     net = model
@@ -159,7 +167,8 @@ def _load_states(run: Run, state: dict[str, Any]) -> None:
         raise CheckpointError(f"checkpoint does not fit the model: {details[:300]}"
                               f"{'...' if len(details) > 300 else ''}") from None
     run.sparsifier.load_state_dict(state["sparsifier"])
-    if run.sparsifier.step in run.segments[1:-1] or any(s < run.sparsifier.step for s in run.segments[1:-1]):
+    t = run.sparsifier.step_count
+    if t in run.segments[1:-1] or any(s < t for s in run.segments[1:-1]):
         _restart_optimizer(run)  # a restart happened before this checkpoint: the saved state is the new one's
     run.optimizer.load_state_dict(state["optimizer"])
     # load_state_dict replaced the param-group dicts: the sparsifier must read eta (Eq. 5) from the new ones
@@ -169,6 +178,15 @@ def _load_states(run: Run, state: dict[str, Any]) -> None:
     run.best_top1, run.wall_s = float(state["best_top1"]), float(state["wall_s"])
     run.partial = [float(v) for v in state["partial"]]
     torch.set_rng_state(state["rng"])
+
+
+def resolved_config(run: Run) -> dict[str, Any]:
+    """What the run resolved its options to: T, the epoch length, the model and the method's options in
+    iterations (e.g. ``t_i: 19533`` for ``t_i = 1/3``), written into ``config.yaml``."""
+    spec = data.get_spec(run.cfg.dataset)
+    return {"total_steps": run.total_steps, "steps_per_epoch": len(run.train_loader),
+            "model": run.cfg.model or spec.default_model,
+            "method_options": run.sparsifier.method.resolved_options()}
 
 
 def _restart_optimizer(run: Run) -> None:
@@ -197,7 +215,7 @@ def _autocast(run: Run):
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, scaler: Any) -> tuple[float, int]:
     """One iteration; returns (summed loss, correct) over the local batch."""
-    t = run.sparsifier.step
+    t = run.sparsifier.step_count
     if t in run.segments[1:-1]:
         _restart_optimizer(run)
     lr = lr_at(run, t)
@@ -278,14 +296,14 @@ def train_epoch(run: Run, scaler: Any) -> None:
         seen += len(y) * run.info.world_size
         if run.info.is_main:
             _write_lines(run.out / "updates.jsonl", run.sparsifier.pop_events())
-        if run.cfg.check_masks and run.sparsifier.method.mask_may_change(run.sparsifier.step - 1):
+        if run.cfg.check_masks and run.sparsifier.method.mask_may_change(run.sparsifier.step_count - 1):
             check_masks_agree(run)
         elapsed = time.perf_counter() - started
         bar.update(1)
         epoch_loss, epoch_correct, epoch_seen = run.partial
         bar.set_postfix(loss=f"{epoch_loss / epoch_seen:.3f}", top1=f"{100 * epoch_correct / epoch_seen:.1f}",
                         img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
-        if run.sparsifier.step >= run.total_steps or _stop_requested(run):
+        if run.sparsifier.step_count >= run.total_steps or _stop_requested(run):
             break
     bar.close()
 
@@ -304,7 +322,7 @@ def _check_weights_finite(run: Run) -> None:
     next step's loss check, after it has replaced the last good checkpoint."""
     for name, param in run.model.named_parameters():
         if not bool(torch.isfinite(param).all()):
-            raise TrainingError(f"weights are not finite after step {run.sparsifier.step - 1} ({name}): "
+            raise TrainingError(f"weights are not finite after step {run.sparsifier.step_count - 1} ({name}): "
                                 f"stopping; the last good checkpoint in {run.out} is kept")
 
 
@@ -318,7 +336,7 @@ def check_masks_agree(run: Run) -> None:
             sums.append(float(layer.state(name).double().sum()))
     gathered = distributed.gather_checksums(sums, run.info)
     if any(g != gathered[0] for g in gathered[1:]):
-        raise TrainingError(f"masks differ between ranks after step {run.sparsifier.step - 1}")
+        raise TrainingError(f"masks differ between ranks after step {run.sparsifier.step_count - 1}")
 
 
 def _epoch_end(run: Run, epoch_start: float) -> dict[str, Any]:
@@ -329,7 +347,8 @@ def _epoch_end(run: Run, epoch_start: float) -> dict[str, Any]:
     stats = run.sparsifier.layer_report()
     sparse = [s for s in stats if s["sparse"]]
     row = {
-        "epoch": run.epoch + 1, "step": run.sparsifier.step, "lr": lr_at(run, max(run.sparsifier.step - 1, 0)),
+        "epoch": run.epoch + 1, "step": run.sparsifier.step_count,
+        "lr": lr_at(run, max(run.sparsifier.step_count - 1, 0)),
         "train_loss": loss_sum / max(count, 1), "train_top1": 100.0 * correct / max(count, 1),
         "test_loss": test_loss, "test_top1": test_top1,
         "mask_changes": sum(s["total_flips"] for s in sparse),
@@ -417,9 +436,9 @@ def fit(cfg: config.TrainConfig, out: str | Path, resume: bool = False, force: b
             prepare_out(out, resume, force)
             if resume:
                 _truncate_log(out / "metrics.jsonl", "epoch", run.epoch + 1)
-                _truncate_log(out / "updates.jsonl", "step", run.sparsifier.step)
+                _truncate_log(out / "updates.jsonl", "step", run.sparsifier.step_count)
             else:
-                (out / "config.yaml").write_text(config.dump(cfg))
+                (out / "config.yaml").write_text(config.dump(cfg, resolved_config(run)))
         return _loop(run)
     finally:
         distributed.shutdown(info)
@@ -434,14 +453,14 @@ def _loop(run: Run) -> dict[str, Any]:
     writer = _tensorboard(run)
     row: dict[str, Any] = {}
     try:
-        while run.sparsifier.step < run.total_steps:
+        while run.sparsifier.step_count < run.total_steps:
             started = time.perf_counter()
             train_epoch(run, scaler)
             _check_weights_finite(run)
             if _stop_requested(run):
                 run.wall_s += time.perf_counter() - started
                 save_checkpoint(run)
-                raise Interrupted(f"stopped by signal {run.stop_signal} at step {run.sparsifier.step}; "
+                raise Interrupted(f"stopped by signal {run.stop_signal} at step {run.sparsifier.step_count}; "
                                   f"checkpoint saved: continue with --resume")
             row = _epoch_end(run, started)
             if run.info.is_main:
@@ -478,7 +497,7 @@ def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
     summary = {
         "dataset": run.cfg.dataset, "model": run.cfg.model or spec.default_model, "method": run.cfg.method,
         "nm": nm_lib.format_nm(run.sparsifier.n, run.sparsifier.m), "epochs": run.cfg.epochs,
-        "steps": run.sparsifier.step, "seed": run.cfg.seed,
+        "steps": run.sparsifier.step_count, "seed": run.cfg.seed,
         "top1": last.get("test_top1"), "best_top1": run.best_top1, "test_loss": last.get("test_loss"),
         **run.ledger.summary(),
         "test_flops_ratio": flops.inference_flops_ratio(run.ledger.cost, densities),

@@ -2,14 +2,15 @@
 
 Per weight layer (Linear / convolution) and per iteration, three products are counted separately:
 the forward product, the input gradient ``dX`` and the weight gradient ``dW``, each as *dense FLOPs of
-that product* x *the density the method declares for it on that iteration* (:meth:`Method.charge`)::
+that product* x *the density the method charges for it on that iteration* (a :class:`Charge`)::
 
     flops(t) = B * sum_l [F_l c_fwd(t, l) + F_l need_dx_l c_dx(t, l) + F_l c_dw(t, l)] + B * other
 
 with B the global batch and F_l = 2 x MACs of layer l's forward for one sample (dX and dW are products of
 the same size). Two charging rules are kept side by side: rule "paper" (the convention of the paper's
-tables, the headline ``train_flops_ratio``) and rule "nm-hardware" (``train_flops_ratio_hw``: a product
-costs N/M only where its sparse operand is N:M along that product's reduction axis).
+tables, the headline ``train_flops_ratio``, the numbers a :class:`Charge` holds) and rule "nm-hardware"
+(``train_flops_ratio_hw``: a product costs N/M only where its sparse operand is N:M along that product's
+reduction axis; :func:`hardware` derives it from the structure a :class:`Charge` records).
 
 Everything that is not a weight layer's product ("other") is counted dense, per sample, by tracing the
 model at batch 2 and at batch 1 and taking the difference, so that work done once per iteration on the
@@ -25,37 +26,63 @@ The input gradient of a layer whose input needs no gradient (the stem) is never 
 so it is not counted. Ratios are against dense training of the same model for the run's *nominal* length
 (ASP, which trains twice as long, comes to about 1.5x at 2:4, as in the paper).
 
-:func:`predict` runs the same ledger over a whole schedule without training (``bame flops``).
+:func:`bame.predict.predict` runs the same ledger over a whole schedule without training (``bame flops``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
-from operator import attrgetter
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import astuple, dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from bame.errors import ConfigError
-from bame.methods.base import Charge
-
-if TYPE_CHECKING:
-    from bame.config import TrainConfig
-    from bame.sparsifier import Sparsifier
-
 PRODUCTS = ("fwd", "dx", "dw")
-_DENSE = Charge.dense()
-_values = attrgetter("fwd", "dx", "dw", "fwd_hw", "dx_hw", "dw_hw")  # a Charge as a tuple: cheap to hash
 _NORM_OPS = ("batch_norm", "layer_norm", "group_norm", "softmax")
 _POOL_OPS = ("pool", "mean", "sum")
 _MOVES = {"clone", "copy", "copy_", "_to_copy", "lift_fresh_copy", "alias", "detach", "fill_", "zero_"}
 #: (forward, backward) FLOPs per element of each kind of "other" op (see the module docstring).
 OTHER_RULE = {"norm": (4.0, 8.0), "pointwise": (1.0, 1.0), "pool": (1.0, 1.0)}
 _MEMO_LIMIT = 4096  # distinct per-iteration charge vectors kept; a schedule has a few dozen
+
+
+@dataclass(frozen=True)
+class Charge:
+    """Densities charged to one layer's three products on one iteration, by keyword (SPEC section 7).
+
+    ``fwd``, ``dx`` and ``dw`` follow rule "paper" (the convention of the paper's tables). The other fields
+    record the structure rule "nm-hardware" needs (:func:`hardware`): the pattern's density ``nm`` = N/M,
+    the share of the forward weight's blocks that are N:M (keep at most N), and whether the input gradient
+    runs through a mask that is N:M along the output axis (a backward mask). The default is a dense layer.
+    """
+
+    fwd: float = 1.0
+    dx: float = 1.0
+    dw: float = 1.0
+    nm: float = 1.0
+    nm_blocks: float = 0.0
+    nm_dx: bool = False
+
+
+_DENSE = Charge()
+
+
+def hardware(charge: Charge) -> tuple[float, float, float]:
+    """Rule "nm-hardware": the ``(fwd, dx, dw)`` densities N:M hardware can actually deliver.
+
+    A product costs N/M only where its sparse operand is N:M along that product's reduction axis, else 1:
+
+    * forward ``y = x (W*B)^T`` reduces over the inputs, along which B's blocks run: each N:M block costs
+      N/M, every other block (a gradual budget k > N, a block LBC or MaxQ still keeps dense) costs 1;
+    * input gradient ``dX = dY (W*B)`` reduces over the outputs: N/M only through a backward mask that is
+      N:M along them (BAME-dagger, Bi-Mask), else 1;
+    * weight gradient: computed only at kept entries it costs its kept fraction, as under rule "paper".
+    """
+    fwd = charge.nm_blocks * charge.nm + (1.0 - charge.nm_blocks)
+    return fwd, charge.nm if charge.nm_dx else 1.0, charge.dw
 
 
 @dataclass
@@ -216,7 +243,7 @@ class Ledger:
     def increment(self, charges: dict[str, Any]) -> Increment:
         """One iteration's FLOPs under these charges (memoised: the same charges recur for thousands
         of iterations)."""
-        key = tuple(map(_values, (charges.get(name) or _DENSE for name in self.cost.layers)))
+        key = tuple(astuple(charges.get(name) or _DENSE) for name in self.cost.layers)
         inc = self._memo.get(key)
         if inc is None:
             if len(self._memo) >= _MEMO_LIMIT:
@@ -234,10 +261,13 @@ class Ledger:
         self.train_flops_hw += inc.hw
         self.steps += 1
 
-    def _compute(self, key: tuple[tuple[float, ...], ...]) -> Increment:
+    def _compute(self, key: tuple[tuple[Any, ...], ...]) -> Increment:
         """``B * sum_l F_l * c(l)`` per product and rule, plus the dense ``other`` FLOPs."""
         sums = dict.fromkeys(("fwd", "dx", "dw", "fwd_hw", "dx_hw", "dw_hw"), 0.0)
-        for cost, (fwd, dx, dw, fwd_hw, dx_hw, dw_hw) in zip(self.cost.layers.values(), key, strict=True):
+        for cost, values in zip(self.cost.layers.values(), key, strict=True):
+            charge = Charge(*values)
+            fwd, dx, dw = charge.fwd, charge.dx, charge.dw
+            fwd_hw, dx_hw, dw_hw = hardware(charge)
             dense_dx = cost.fwd if cost.needs_dx else 0.0
             sums["fwd"] += cost.fwd * fwd
             sums["dx"] += dense_dx * dx
@@ -306,120 +336,3 @@ def inference_flops_ratio(cost: ModelCost, densities: dict[str, float]) -> float
     """Inference FLOPs of the sparse model against the dense one, given each layer's forward density."""
     sparse = sum(c.fwd * densities.get(name, 1.0) for name, c in cost.layers.items()) + cost.other_fwd
     return sparse / cost.dense_forward()
-
-
-# -- predicting a run without training --------------------------------------------------------------------
-
-
-def _changing(sparsifier: Sparsifier, total: int) -> list[bool]:
-    """Per iteration t, whether its mask may differ from iteration t-1's while it is not yet final."""
-    method = sparsifier.method
-    out = [False] * total
-    for t in range(1, total):
-        out[t] = not method.mask_is_final(t - 1) and method.mask_may_change(t - 1)
-    return out
-
-
-@torch.no_grad()
-def measures_masks(sparsifier: Sparsifier, t: int = 0) -> bool:
-    """Whether the method's charges follow its masks (LBC's measured d(t)) rather than the schedule.
-
-    Probed on a throwaway sparsifier: clear every mask, let the method re-derive its state from the
-    masks as after a checkpoint load (``refresh``), compare the charges, then restore both.
-    """
-    if not sparsifier.layers:
-        return False
-    before = sparsifier.charges(t)
-    saved = [layer.mask.clone() for layer in sparsifier.layers]
-    for layer in sparsifier.layers:
-        layer.mask.zero_()
-    sparsifier.method.refresh(sparsifier)
-    after = sparsifier.charges(t)
-    for layer, mask in zip(sparsifier.layers, saved, strict=True):
-        layer.mask.copy_(mask)
-    sparsifier.method.refresh(sparsifier)
-    return after != before
-
-
-def replay(sparsifier: Sparsifier, ledger: Ledger, total: int) -> Ledger:
-    """Count iterations ``0 .. total-1`` exactly as a training run's step callback does.
-
-    ``ledger.add(sparsifier.charges(t), method.phase_of(t))`` for every t, with shortcuts that do not
-    change a single bit of the sums (``tests/test_flops.py`` checks this for every method):
-
-    * charges are re-read only where they can change: where the phase changes, or where the mask may
-      change while it is not yet final (:meth:`Method.mask_may_change`, :meth:`Method.mask_is_final`);
-      elsewhere the previous iteration's :meth:`Ledger.increment` is counted again;
-    * for a method whose charges follow its masks (:func:`measures_masks`: LBC charges the density it
-      measures), its ``prepare(t)`` runs on the (throwaway) model before each of those iterations, so
-      it is charged what it would measure; every other method charges by its schedule, and replaying
-      its mask choices would only cost time.
-
-    The sparsifier must be freshly attached (its method's ``prepare(0)`` has run).
-    """
-    method = sparsifier.method
-    changing = _changing(sparsifier, total)
-    prepare = measures_masks(sparsifier)
-    inc, phase = None, None
-    for t in range(total):
-        if prepare and changing[t]:
-            method.prepare(t, sparsifier)
-        current = method.phase_of(t)
-        if inc is None or changing[t] or current != phase:
-            inc = ledger.increment(sparsifier.charges(t))
-        phase = current
-        ledger.count(inc, phase)
-    return ledger
-
-
-def steps_per_epoch(dataset: str, batch_size: int) -> int:
-    """Iterations per epoch without loading data: ``floor(train_size / batch)`` (drop the last batch)."""
-    from bame import data
-
-    spec = data.get_spec(dataset)
-    if spec.train_size is None:
-        raise ConfigError(f"the size of {dataset}'s training set depends on its files: "
-                          "give --steps-per-epoch")
-    if batch_size > spec.train_size:
-        raise ConfigError(f"batch size {batch_size} is larger than the {dataset} training set "
-                          f"({spec.train_size})")
-    return spec.train_size // batch_size
-
-
-def predict(cfg: TrainConfig, steps_per_epoch_override: int | None = None) -> dict[str, Any]:
-    """The FLOPs summary a training run of ``cfg`` will write, computed without data or training.
-
-    Builds the model and the sparsifier as :func:`bame.engine.build` does (with a throwaway SGD) and
-    :func:`replay` s every iteration of the schedule through the same :class:`Ledger`.
-
-    Returns:
-        :meth:`Ledger.summary` plus ``test_flops_ratio`` (from the forward densities charged on the last
-        iteration), ``steps``, ``nominal_steps``, ``steps_per_epoch`` and the method and model names.
-    """
-    from bame import data, engine, models
-    from bame.sparsifier import sparsify
-
-    spec = data.get_spec(cfg.dataset)
-    spe = steps_per_epoch_override or steps_per_epoch(cfg.dataset, cfg.batch_size)
-    torch.manual_seed(cfg.seed)
-    model_name = cfg.model or spec.default_model
-    model = models.create(model_name, num_classes=spec.num_classes, in_channels=spec.in_channels,
-                          image_size=spec.image_size, width=cfg.width)
-    total, nominal = engine._schedule_lengths(cfg, spe)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)  # only to attach to; never steps
-    sparsifier = sparsify(model, optimizer, cfg.method, cfg.nm, total_steps=total, group_axis=cfg.group_axis,
-                          seed=cfg.seed, steps_per_epoch=spe, verbose=False, **cfg.method_options)
-    cost = measure(model, (spec.in_channels, spec.image_size, spec.image_size))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a replayed prepare works on one layer's small tensors at a time
-    try:
-        ledger = replay(sparsifier, Ledger(cost, batch_size=cfg.batch_size, nominal_steps=nominal), total)
-    finally:
-        torch.set_num_threads(threads)
-    last = sparsifier.charges(total - 1)
-    densities = {layer.name: last[layer.name].fwd for layer in sparsifier.layers}
-    return {"dataset": cfg.dataset, "model": model_name, "method": cfg.method, "nm": cfg.nm,
-            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "steps_per_epoch": spe, "steps": total,
-            "nominal_steps": nominal, **ledger.summary(),
-            "test_flops_ratio": inference_flops_ratio(cost, densities),
-            "sparse_layers": len(sparsifier.layers), "dense_layers": len(sparsifier.dense_layers)}

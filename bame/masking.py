@@ -40,7 +40,8 @@ class _StraightThrough(torch.autograd.Function):
 class NMMask(nn.Module):
     """The parametrization of a sparse layer's weight: ``weight -> W * B`` (straight-through).
 
-    Buffers (they move with ``model.to(...)`` and appear in ``model.state_dict()``):
+    Buffers (they move with ``model.to(...)``; none is in ``model.state_dict()``: the masks and the method's
+    per-layer state are saved once, by ``Sparsifier.state_dict()``):
         mask: bool, the weight's shape; the forward mask B.
         scale: optional float values replacing B in the product (soft masks such as MaxQ's); zero
             exactly where B is zero.
@@ -49,7 +50,7 @@ class NMMask(nn.Module):
 
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("mask", mask.bool().clone())
+        self.register_buffer("mask", mask.bool().clone(), persistent=False)
         # Derived from the mask and weights (recomputed after a load), so not saved.
         self.register_buffer("scale", None, persistent=False)
         self.register_buffer("bwd_mask", None, persistent=False)
@@ -62,6 +63,15 @@ class NMMask(nn.Module):
         #: this mask (see :meth:`grad_is_masked`); filled by their backward, cleared by every forward.
         self.kernel_grads: list[tuple[int, int, int]] = []
         self._kernel_mask_version = -1
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Ignore the mask and state entries of model state dicts written while they were saved there too
+        (the sparsifier's state restores them)."""
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in self._buffers]:
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def mask_as(self, like: torch.Tensor) -> torch.Tensor:
         """The bool mask as 0/1 in ``like``'s dtype and device, cached until the mask changes.

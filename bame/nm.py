@@ -11,7 +11,15 @@ Every mask computation in bame runs on a 2-D block view ``[K, M]`` of a weight (
 * ``group_axis="out"``: M consecutive output channels at a fixed input position. It is the layout of
   the *transposed* weight used by the input gradient, and serves bi-directional (backward) masks.
 
-All functions here are pure and vectorised over blocks.
+All functions here are pure and vectorised over blocks. Every selection orders scores the same way
+(:func:`sorted_blocks`): by value, ties to the lower index, NaN above every number, -0.0 equal to +0.0.
+The selection family serves every method and the export and packing code:
+
+* :func:`topn_mask` / :func:`keep_top`: the top-k of every block (one budget, or one per block);
+* :func:`ranks`: each entry's rank within its block;
+* :func:`drop_grow`: per block, drop the smallest kept entries and grow the best of the others;
+* :func:`smallest_per_block`: a layer-wide budget of smallest kept entries, counted per block;
+* :func:`kept_indices`: the in-block positions of the kept entries (compressed storage, export).
 """
 
 from __future__ import annotations
@@ -149,8 +157,80 @@ def topn_mask(scores: torch.Tensor, n: int, magnitude: bool = False) -> torch.Te
             mask.scatter_(-1, pick, True)
             work.scatter_(-1, pick, float("-inf"))
         return mask
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (K, M)
+    order = sorted_blocks(scores).indices  # (K, M)
     return mask.scatter_(-1, order[:, :n], True)
+
+
+def sorted_blocks(scores: torch.Tensor, descending: bool = True) -> torch.return_types.sort:
+    """Each row of ``(K, M)`` scores sorted: the one ordering every selection uses (ties keep index order,
+    NaN sorts as the largest value)."""
+    return torch.sort(scores, dim=-1, descending=descending, stable=True)
+
+
+def ranks(scores: torch.Tensor, descending: bool = True) -> torch.Tensor:
+    """The rank (0 = first) of every entry within its row of ``(K, M)`` scores, int64 ``(K, M)``.
+
+    Descending: the largest score has rank 0; ascending: the smallest. Ties go to the lower index.
+    """
+    order = sorted_blocks(scores, descending).indices  # (K, M)
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def keep_top(scores: torch.Tensor, keep: int | torch.Tensor) -> torch.Tensor:
+    """The ``keep`` largest scores of every block, bool ``(K, M)``; ``keep`` is one int or ``(K,)`` budgets."""
+    if isinstance(keep, int):
+        return topn_mask(scores, keep)
+    return ranks(scores) < keep.view(-1, 1)
+
+
+def drop_grow(
+    mask_blocks: torch.Tensor, drop_scores: torch.Tensor, grow_scores: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Per block k, ``counts[k]`` kept entries give way to ``counts[k]`` others (RigL's drop and grow).
+
+    The kept entries with the smallest ``drop_scores`` are dropped; then the largest ``grow_scores`` among
+    the pruned entries *and the dropped ones* (a dropped entry may win its place back) are grown. Every
+    block keeps its count of kept entries.
+
+    Args:
+        mask_blocks: ``(K, M)`` current mask.
+        drop_scores: ``(K, M)``; the smallest kept ones are dropped.
+        grow_scores: ``(K, M)``; the largest eligible ones are grown.
+        counts: ``(K,)`` swaps per block, at most the block's kept and pruned counts.
+
+    Returns:
+        bool ``(K, M)``.
+    """
+    old = mask_blocks.bool()
+    counts = counts.view(-1, 1)
+    drop = ranks(torch.where(old, drop_scores, math.inf), descending=False) < counts  # (K, M)
+    eligible = ~old | drop
+    grow = ranks(torch.where(eligible, grow_scores, -math.inf)) < counts  # (K, M)
+    return (old & ~drop) | grow
+
+
+def smallest_per_block(scores: torch.Tensor, mask_blocks: torch.Tensor, cap: int, total: int) -> torch.Tensor:
+    """Where a layer's ``total`` smallest kept scores lie, counting at most ``cap`` per block: ``(K,)`` int64.
+
+    Each block offers its ``cap`` smallest kept scores; the ``total`` smallest offers of the whole layer are
+    taken (ties: the lower block, then the lower rank within the block).
+    """
+    k = scores.shape[0]
+    offers = sorted_blocks(torch.where(mask_blocks.bool(), scores, math.inf), descending=False).values[:, :cap]
+    chosen = sorted_blocks(offers.reshape(1, -1), descending=False).indices[0, :total]  # block-major order
+    return torch.bincount(chosen // cap, minlength=k)
+
+
+def kept_indices(mask_blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The in-block positions of every block's kept entries, ascending, ``(K, n)`` int64.
+
+    A block with fewer than n kept entries is padded with its lowest unused positions (so the structure
+    stays regular: a compressed weight holds zero there).
+    """
+    keep = mask_blocks.bool().to(torch.uint8)  # (K, M)
+    first = sorted_blocks(keep).indices[:, :n]  # kept entries first, each group in index order
+    return first.sort(dim=-1).values
 
 
 def _native_topn(scores: torch.Tensor, n: int, magnitude: bool) -> torch.Tensor | None:

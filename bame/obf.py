@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from bame.errors import ConfigError
 from bame import native
+from bame.errors import ConfigError
 from bame.nm import block_flips
 
 RULES = ("and", "or")

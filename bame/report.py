@@ -59,7 +59,12 @@ def check_run_dir(path: str | Path) -> Path:
 
 def read_updates(run_dir: str | Path) -> dict[str, dict[str, list[float]]]:
     """``updates.jsonl`` per layer: lists ``step``, ``last_flips``, ``frozen_fraction`` and ``density``
-    (NaN where a method records none), read line by line (a 300-epoch run holds thousands of lines)."""
+    (NaN where a method records none), read line by line (a 300-epoch run holds thousands of lines).
+
+    A method that re-chooses its masks every iteration logs one event per ``window`` of re-selections
+    with their summed flips; ``last_flips`` is then the mean per re-selection, so every event reads as
+    "flips per update".
+    """
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     path = Path(run_dir) / "updates.jsonl"
     if not path.exists():
@@ -68,6 +73,8 @@ def read_updates(run_dir: str | Path) -> dict[str, dict[str, list[float]]]:
         for line in f:
             if line.strip():
                 event = json.loads(line)
+                if "window" in event:
+                    event["last_flips"] = event["last_flips"] / max(event["window"], 1)
                 series = out[event["layer"]]
                 for key in ("step", "last_flips", "frozen_fraction", "density"):
                     series[key].append(float(event.get(key, float("nan"))))
@@ -88,10 +95,20 @@ def read_sad(run_dir: str | Path) -> dict[str, np.ndarray]:
 # -- grouping and numbers ------------------------------------------------------------------------------------
 
 
+def uses_masks(method: str | None) -> bool:
+    """Whether a method masks (its runs have an N:M pattern): the registry's fact; unknown names do."""
+    from bame import methods  # imports torch: only when a report is made
+
+    try:
+        return methods.get(str(method)).uses_masks
+    except ConfigError:
+        return True
+
+
 def label(run: dict[str, Any]) -> str:
     s = run["summary"] or run.get("config", {})
-    if s.get("method") == "dense":
-        return "dense"
+    if not uses_masks(s.get("method")):
+        return str(s.get("method"))
     return f"{s.get('method', run['dir'].name)} {s.get('nm', '')}".strip()
 
 
@@ -141,7 +158,7 @@ def group_row(group: list[dict[str, Any]]) -> dict[str, Any]:
     get = lambda key: mean_std([r["summary"].get(key) for r in group])  # noqa: E731
     return {
         "label": label(first), "method": s.get("method", cfg.get("method", "?")),
-        "nm": "-" if s.get("method", cfg.get("method")) == "dense" else s.get("nm", cfg.get("nm", "?")),
+        "nm": s.get("nm", cfg.get("nm", "?")) if uses_masks(s.get("method", cfg.get("method"))) else "-",
         "model": s.get("model") or cfg.get("model") or "-",
         "dataset": s.get("dataset", cfg.get("dataset", "-")),
         "seeds": [r["summary"].get("seed", r.get("config", {}).get("seed")) for r in group], "n": len(group),
@@ -172,7 +189,7 @@ def runs_table(runs: list[dict[str, Any]]) -> list[str]:
              f"{'wall s':>7s}"]
     for run in runs:
         s = run["summary"]
-        nm = s["nm"] if s["method"] != "dense" else "-"
+        nm = s["nm"] if uses_masks(s["method"]) else "-"
         lines.append(f"{s['method']:10s} {nm:6s} {s['top1']:7.2f} {s['best_top1']:7.2f} "
                      f"{s['train_flops_ratio']:10.3f}x {s['train_flops_ratio_hw']:8.3f}x "
                      f"{s['wall_time_s']:7.1f}")

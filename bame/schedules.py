@@ -69,6 +69,18 @@ def is_update_step(t: int, t_i: int, t_f: int, delta_t: int) -> bool:
     return t_i <= t < t_f and t % delta_t == 0
 
 
+def schedule_lengths(epochs: int, steps_per_epoch: int, factor: float = 1.0,
+                     max_steps: int | None = None) -> tuple[int, int]:
+    """``(T, nominal)``: the run's optimizer steps, including a method's extra training (``factor``: ASP's 2x
+    fine-tuning), and the steps of the dense baseline it is compared with; ``max_steps`` caps both."""
+    nominal = epochs * steps_per_epoch
+    total = int(round(nominal * factor))
+    if max_steps is not None:
+        total = min(total, max_steps)
+        nominal = min(nominal, int(round(total / factor)))
+    return total, max(1, nominal)
+
+
 def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, min_lr: float = 0.0) -> float:
     """Cosine annealing with optional linear warm-up, as a pure function of the step."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -1,4 +1,4 @@
-"""The sparsifier: attaches N:M masks to a model and drives a method from the optimizer's step hooks.
+"""The sparsifier: attaches N:M masks to a model and runs a method's plan from the optimizer's step hooks.
 
     sparsifier = bame.sparsify(model, optimizer, method="bame", nm="1:16", total_steps=T)
 
@@ -7,6 +7,12 @@ optimizer (no monkey-patching), so it acts exactly when the optimizer really ste
 accumulation and AMP's GradScaler (which skips steps on overflow) work unchanged, and under
 DistributedDataParallel it sees the all-reduced gradient, so every rank decides the same mask.
 
+It drives any object with the method protocol (:class:`bame.contract.Method`): each iteration t it reads
+the method's :class:`~bame.contract.Step` and does what it says, for every sparse layer, through one
+mask-commit path (:meth:`Sparsifier.commit`): masks change in place, weights and optimizer state are zeroed
+where the step says, flips are counted (on the device: no host sync for per-iteration re-selections), and
+updates are recorded for ``updates.jsonl``.
+
 Like ``torch.optim`` and ``torch.ao.pruning`` it offers ``state_dict()``/``load_state_dict()``,
 ``squash()`` (bake masks into plain weights), ``masks()`` and a per-layer report.
 """
@@ -14,21 +20,27 @@ Like ``torch.optim`` and ``torch.ao.pruning`` it offers ``state_dict()``/``load_
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from bame import masking, methods
+from bame import masking
+from bame.contract import Method, Step
 from bame.errors import CheckpointError, ConfigError
-from bame.methods.base import Charge, Method
-from bame.nm import GROUP_AXES, format_nm, from_blocks, parse_nm, to_blocks
+from bame.flops import Charge
+from bame.nm import backward_mask, block_flips, blocking_problem, format_nm, from_blocks, to_blocks
 from bame.policy import LayerFilter, select_layers
 
 log = logging.getLogger("bame")
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the layers' statistics hold the per-iteration re-selection counters
+#: Per-iteration re-selections are aggregated into one event per layer every ``ceil(T / EVENTS_PER_RUN)``
+#: iterations (100 when T is unknown): a few hundred lines per layer over a whole run.
+EVENTS_PER_RUN = 200
 
 #: Optimizers whose update of an entry is exactly zero when its weight, gradient and state are all zero there
 #: (every option of theirs: momentum, Nesterov, weight decay, AMSGrad, centered, decoupled decay ...), so a
@@ -41,10 +53,11 @@ ZERO_PRESERVING_OPTIMIZERS: frozenset[type] = frozenset({
 
 
 class SparseLayer:
-    """One sparse layer: its module, raw weight, mask and per-layer method state.
+    """One sparse layer: its module, raw weight, mask, per-layer method state and statistics.
 
-    Per-layer state tensors (``osc`` and whatever a method adds with :meth:`add_state`) are buffers of
-    the layer's parametrization, so they follow ``model.to(device)``.
+    Per-layer state tensors (the method's :meth:`~bame.contract.Method.layer_state`, ``sad`` for evolving
+    methods) are buffers of the layer's parametrization, so they follow ``model.to(device)``; they are
+    saved by :meth:`Sparsifier.state_dict`, not by ``model.state_dict()``.
     """
 
     def __init__(self, name: str, module: nn.Module, n: int, m: int, group_axis: str) -> None:
@@ -56,9 +69,14 @@ class SparseLayer:
         self.par = masking.attach(module, torch.ones(self.shape, dtype=torch.bool))
         self.num_blocks = module.weight.numel() // m
         self.state_names: list[str] = []
-        self.stats: dict[str, Any] = {"updates": 0, "last_flips": 0, "frozen_fraction": 0.0, "total_flips": 0}
         self.bwd_note: str | None = None  # why a wanted backward mask is not used on this layer
         self.kernel_note: str | None = None  # which products run sparse kernels (kernel="sparse")
+        # Statistics of recorded selections (updates, flips), see Sparsifier.commit. Flips of per-iteration
+        # re-selections stay on the device until read: [total, last, since the last event].
+        self.updates = 0
+        self.frozen_fraction = 0.0
+        self._flips = torch.zeros(3, dtype=torch.int64, device=self.mask.device)
+        self.window = 0  # re-selections since the last aggregated event
 
     # -- tensors -----------------------------------------------------------------------------------
     @property
@@ -68,8 +86,13 @@ class SparseLayer:
 
     @property
     def mask(self) -> torch.Tensor:
-        """The forward mask B (bool, the weight's shape); update it in place with :meth:`set_mask`."""
+        """The forward mask B (bool, the weight's shape); changed only through :meth:`Sparsifier.commit`."""
         return self.par.mask
+
+    @property
+    def has_bwd_mask(self) -> bool:
+        """Whether the input gradient runs through a backward mask (N:M along the outputs)."""
+        return self.par.bwd_mask is not None
 
     def blocks(self, tensor: torch.Tensor) -> torch.Tensor:
         """A weight-shaped tensor as its ``(K, M)`` block view."""
@@ -79,8 +102,8 @@ class SparseLayer:
         return from_blocks(blocks, self.shape, self.group_axis)
 
     def add_state(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Register a per-layer state tensor (saved by ``state_dict``) and return it."""
-        self.par.register_buffer(name, tensor.to(self.mask.device))
+        """Register a per-layer state tensor (saved by ``Sparsifier.state_dict``) and return it."""
+        self.par.register_buffer(name, tensor.to(self.mask.device), persistent=False)
         if name not in self.state_names:
             self.state_names.append(name)
         return getattr(self.par, name)
@@ -88,32 +111,22 @@ class SparseLayer:
     def state(self, name: str) -> torch.Tensor:
         return getattr(self.par, name)
 
+    # -- statistics --------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, Any]:
+        """``updates``, ``last_flips``, ``total_flips`` (recorded selections) and OBF's ``frozen_fraction``."""
+        total, last, _ = self._flips.tolist()
+        return {"updates": self.updates, "last_flips": last, "total_flips": total,
+                "frozen_fraction": self.frozen_fraction}
+
+    def count(self, flips: torch.Tensor) -> None:
+        """Add one recorded selection's flips (a 0-d tensor, on the device: no host sync)."""
+        self.updates += 1
+        self._flips[0] += flips
+        self._flips[1] = flips
+        self._flips[2] += flips
+
     # -- operations ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def set_mask(self, new_mask: torch.Tensor, ctx: Sparsifier | None = None, zero: str = "changed") -> int:
-        """Replace the mask in place; returns the number of entries that changed.
-
-        Args:
-            new_mask: bool, weight-shaped (or ``(K, M)`` blocks).
-            ctx: the sparsifier, for zeroing optimizer state.
-            zero: which weights and optimizer-state entries to set to zero: ``"changed"`` (pruned and
-                regrown entries, SPEC section 3), ``"pruned"`` (every entry outside the new mask) or
-                ``"none"``.
-        """
-        if new_mask.shape != self.shape:
-            new_mask = self.unblocks(new_mask)
-        new_mask = new_mask.bool()
-        changed = new_mask != self.mask
-        flips = int(torch.count_nonzero(changed))  # no int64 copy of a weight-sized bool, as .sum() makes
-        self.mask.copy_(new_mask)
-        if zero == "none":
-            return flips
-        where = changed if zero == "changed" else ~new_mask
-        self.weight.masked_fill_(where, 0.0)
-        if ctx is not None:
-            ctx.zero_optimizer_state(self.weight, where)
-        return flips
-
     @torch.no_grad()
     def mask_grad(self) -> None:
         """Sparse weight gradient: ``grad *= B`` (skipped when the sparse kernels produced it masked)."""
@@ -122,16 +135,10 @@ class SparseLayer:
             grad.mul_(self.par.mask_as(grad))
 
     @torch.no_grad()
-    def apply_mask(self, ctx: Sparsifier | None = None) -> None:
-        """Set pruned weights to exactly zero.
-
-        Args:
-            ctx: the sparsifier. When given, the multiply is skipped while it is a no-op: the method has
-                declared the pruned weights exactly zero (``weights_pruned``) and the optimizer is one that
-                leaves an entry at zero when its gradient and state are zero there
-                (:attr:`Sparsifier.optimizer_keeps_zeros`).
-        """
-        if ctx is not None and self.par.weights_pruned and ctx.optimizer_keeps_zeros:
+    def apply_mask(self, optimizer_keeps_zeros: bool = False) -> None:
+        """Set pruned weights to exactly zero; a no-op skipped when they are zero already and the optimizer
+        keeps zero entries at zero (their gradient and state are zero there)."""
+        if self.par.weights_pruned and optimizer_keeps_zeros:
             return
         self.weight.mul_(self.par.mask_as(self.weight))
 
@@ -140,7 +147,7 @@ class SparseLayer:
 
 
 class Sparsifier:
-    """Drives one method over the sparse layers of a model; see :func:`sparsify`."""
+    """Runs one method's plan over the sparse layers of a model; see :func:`bame.sparsify`."""
 
     def __init__(
         self,
@@ -158,22 +165,24 @@ class Sparsifier:
         self.method = method
         self.n, self.m = method.n, method.m
         self.group_axis = group_axis
-        self.step = 0  # index of the next iteration to run
+        self.step_count = 0  # iterations done: the index of the next one
         self.layers: list[SparseLayer] = []
         self.dense_layers: dict[str, str] = {}  # weight name -> why it stays dense
         self.events: list[dict[str, Any]] = []  # per-update, per-layer statistics (drained by the engine)
         self.step_callbacks: list[Callable[[int], None]] = []  # called with t after each step
-        self._hooks: list[Any] = []
-        self._squashed = False
+        self.record_every = math.ceil(method.total_steps / EVENTS_PER_RUN) if method.total_steps else 100
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_keeps_zeros = False
+        self._hooks: list[Any] = []
+        self._squashed = False
+        self._plan_cache: tuple[int, Step] | None = None
         self._select(include, exclude, layer_filter)
         if optimizer is not None:
             self.bind(optimizer)
         for layer in self.layers:
-            method.init_layer(layer, self)
+            self._init_layer(layer)
         self._ddp_ignore_buffers()
-        method.prepare(self.step, self)
+        self.prepare(self.step_count)
         if verbose:
             for name, reason in self.dense_layers.items():
                 log.info("%s stays dense: %s", name, reason)
@@ -198,6 +207,19 @@ class Sparsifier:
                 f"the model has no layer that can be made {format_nm(self.n, self.m)} sparse "
                 f"(group_axis={self.group_axis}): " + "; ".join(f"{k}: {v}" for k, v in self.dense_layers.items())
             )
+
+    def _init_layer(self, layer: SparseLayer) -> None:
+        """Backward mask (where the method wants one and the layer allows it) and per-layer state."""
+        if self.method.backward_masks:
+            problem = masking.check_bidirectional_support(layer.module) or blocking_problem(layer.shape, self.m, "out")
+            if problem is None:
+                layer.par.set_bwd_mask(layer.mask)
+            else:
+                layer.bwd_note = f"backward mask off ({problem}): dX uses the forward mask"
+        if self.method.evolves:  # flips per block over training (the paper's Figure 2)
+            layer.add_state("sad", torch.zeros(layer.num_blocks, dtype=torch.int32))
+        for name, tensor in self.method.layer_state(layer).items():
+            layer.add_state(name, tensor)
 
     def _ddp_ignore_buffers(self) -> None:
         """Masks and method state are decided identically on every rank: DDP need not broadcast them."""
@@ -226,21 +248,139 @@ class Sparsifier:
             optimizer.register_step_post_hook(self._post_step),
         ]
 
-    # -- hooks -------------------------------------------------------------------------------------------
+    # -- the plan, iteration by iteration ------------------------------------------------------------------
+    def plan(self, t: int) -> Step:
+        """The method's :class:`~bame.contract.Step` for iteration t (the last one is cached)."""
+        cached = self._plan_cache
+        if cached is None or cached[0] != t:
+            cached = self._plan_cache = (t, self.method.plan(t))
+        return cached[1]
+
+    @torch.no_grad()
+    def prepare(self, t: int) -> None:
+        """Before iteration t's forward: the plan's selection, then the values derived from the masks.
+
+        The optimizer's step post-hook calls it for the next iteration; replaying a schedule without
+        training (``bame flops``) calls it directly.
+        """
+        step = self.plan(t)
+        for layer in self.layers:
+            if step.select:
+                flips = self.commit(layer, self.method.select(t, layer, step.keep), step.zero,
+                                    count=step.record != "none")
+                self._record(t, layer, step.record, flips)
+            self._refresh(t, layer, step)
+        if step.select and step.record == "every":
+            self._flush_window(t)
+
+    def _refresh(self, t: int, layer: SparseLayer, step: Step) -> None:
+        layer.par.weights_pruned = step.zeroed
+        if layer.has_bwd_mask:
+            perm = self.method.backward_perm(layer)
+            layer.par.set_bwd_mask(backward_mask(layer.weight, layer.mask, self.n, self.m, perm))
+        self.method.refresh(t, layer)
+
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.method.before_step(self.step, self)
+        """The gradients of iteration t are final (accumulated, all-reduced, unscaled): evolve, then the
+        method's gradient term, then the gradient mode."""
+        t = self.step_count
+        step = self.plan(t)
+        for layer in self.layers:
+            grad = layer.weight.grad
+            if grad is None:  # the layer took no part in this iteration's loss
+                continue
+            if step.evolve:
+                self.evolve(t, layer, grad)
+            self.method.on_grad(t, layer, grad, self)
+            if step.grad == "masked":
+                layer.mask_grad()
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        t = self.step
-        self.method.after_step(t, self)
+        t = self.step_count
+        if self.plan(t).zeroed:
+            with torch.no_grad():
+                for layer in self.layers:
+                    layer.apply_mask(self.optimizer_keeps_zeros)
         for callback in self.step_callbacks:
             callback(t)
-        self.step = t + 1
-        self.method.prepare(self.step, self)
+        self.step_count = t + 1
+        self.prepare(self.step_count)
+
+    @torch.no_grad()
+    def evolve(self, t: int, layer: SparseLayer, grad: torch.Tensor) -> None:
+        """One evolution update of one layer from the dense gradient (LMA + OBF for BAME)."""
+        w, g, old = layer.blocks(layer.weight.detach()), layer.blocks(grad), layer.blocks(layer.mask)  # (K, M)
+        proposal = self.method.propose(t, layer, w, g, old, self.lr_of(layer.weight))
+        new, frozen_fraction = self.method.restrict(t, layer, old, proposal, w)
+        per_block = block_flips(old, new)  # (K,) int32
+        layer.state("sad").add_(per_block)
+        layer.frozen_fraction = frozen_fraction
+        layer.count(self.commit(layer, new, "changed", count=True))
+        stats = layer.stats
+        self.events.append({
+            "step": t, "layer": layer.name, "updates": stats["updates"], "last_flips": stats["last_flips"],
+            "total_flips": stats["total_flips"], "proposed_flips": int(torch.count_nonzero(proposal != old)),
+            "changed_blocks": int(torch.count_nonzero(per_block)), "frozen_fraction": frozen_fraction,
+        })
+
+    # -- the one mask-commit path ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def commit(self, layer: SparseLayer, new_mask: torch.Tensor, zero: str = "changed",
+               count: bool = True) -> torch.Tensor | None:
+        """Make ``new_mask`` the layer's mask, in place, and zero what ``zero`` says.
+
+        Args:
+            layer: the sparse layer.
+            new_mask: bool, weight-shaped or ``(K, M)`` blocks.
+            zero: ``"changed"`` (entries whose bit changed: pruned and regrown weights start at zero with
+                zeroed optimizer state, SPEC section 3), ``"pruned"`` (every entry outside the new mask) or
+                ``"none"``.
+            count: return the number of changed entries.
+
+        Returns:
+            The changed entries as a 0-d int64 tensor on the mask's device (reading it syncs), or None.
+        """
+        if new_mask.shape != layer.shape:
+            new_mask = layer.unblocks(new_mask)
+        new_mask = new_mask.bool()
+        changed = new_mask != layer.mask if count or zero == "changed" else None
+        layer.mask.copy_(new_mask)
+        if zero != "none":
+            where = changed if zero == "changed" else ~new_mask
+            layer.weight.masked_fill_(where, 0.0)
+            self.zero_optimizer_state(layer.weight, where)
+        return torch.count_nonzero(changed) if count else None
+
+    def _record(self, t: int, layer: SparseLayer, record: str, flips: torch.Tensor | None) -> None:
+        """Count a selection's flips; an ``"update"`` also becomes an event at once."""
+        if record == "none":
+            return
+        layer.count(flips)
+        if record == "update":
+            stats = layer.stats
+            self.events.append({"step": t, "layer": layer.name, "updates": stats["updates"],
+                                "last_flips": stats["last_flips"], "total_flips": stats["total_flips"],
+                                **self.method.event_fields(t, layer)})
+            layer._flips[2] = 0
+        else:
+            layer.window += 1
+
+    def _flush_window(self, t: int) -> None:
+        """Every ``record_every`` per-iteration re-selections: one event per layer with their flips (one sync)."""
+        if not self.layers or self.layers[0].window < self.record_every:
+            return
+        counts = torch.stack([layer._flips for layer in self.layers]).tolist()  # one host sync for all layers
+        for layer, (total, _, window_flips) in zip(self.layers, counts, strict=True):
+            self.events.append({"step": t, "layer": layer.name, "updates": layer.updates,
+                                "last_flips": window_flips, "total_flips": total, "window": layer.window})
+            layer._flips[2] = 0
+            layer.window = 0
 
     # -- services for methods ------------------------------------------------------------------------------
     def group_of(self, param: torch.Tensor) -> dict[str, Any]:
         """The optimizer's param group that holds ``param`` (its lr, weight_decay, momentum ...)."""
+        if self.optimizer is None:
+            raise ConfigError("the sparsifier has no optimizer yet: call sparsifier.bind(optimizer)")
         return self.optimizer.param_groups[self._group_of[id(param)]]
 
     def lr_of(self, param: torch.Tensor) -> float:
@@ -257,29 +397,32 @@ class Sparsifier:
             if torch.is_tensor(value) and value.shape == param.shape:
                 value.masked_fill_(where, 0)
 
-    def record(self, t: int, layer: SparseLayer, **stats: Any) -> None:
-        """Record one mask update of one layer (statistics for reports)."""
-        layer.stats.update({k: v for k, v in stats.items()})
-        self.events.append({"step": t, "layer": layer.name, **stats})
-
     def pop_events(self) -> list[dict[str, Any]]:
         events, self.events = self.events, []
         return events
 
     # -- user API ------------------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Nothing to do: bame acts inside ``optimizer.step()`` (its hooks). Kept so that a loop written for
+        ``torch.ao.pruning`` (``optimizer.step(); sparsifier.step()``) runs unchanged; warns once."""
+        if not getattr(self, "_warned_step", False):
+            warnings.warn("sparsifier.step() does nothing: bame updates masks inside optimizer.step(); "
+                          "the iteration count is sparsifier.step_count", stacklevel=2)
+            self._warned_step = True
+
     def masks(self) -> dict[str, torch.Tensor]:
         """Each sparse layer's weight name (as in the original model's state_dict) -> its bool mask."""
         return {layer.name: layer.mask for layer in self.layers}
 
     def charges(self, t: int) -> dict[str, Charge]:
         """Densities charged to each weight layer's products on iteration t (dense layers: 1)."""
-        out = {name: Charge.dense() for name in self.dense_layers}
+        out = {name: Charge() for name in self.dense_layers}
         for layer in self.layers:
             out[layer.name] = self.method.charge(t, layer)
         return out
 
     def layer_report(self) -> list[dict[str, Any]]:
-        """Per weight layer: name, shape, N:M, axis, density, frozen fraction, last flips, or why dense."""
+        """Per weight layer: name, shape, N:M, axis, density, frozen fraction, flips, or why dense."""
         sparse = {layer.name: layer for layer in self.layers}
         rows = []
         for name, module in self.all_layers:
@@ -288,37 +431,42 @@ class Sparsifier:
                 rows.append({"name": name, "shape": list(module.weight.shape), "sparse": False,
                              "density": 1.0, "reason": self.dense_layers[name]})
                 continue
+            stats = layer.stats
             rows.append({
                 "name": name, "shape": list(layer.shape), "sparse": True, "nm": format_nm(self.n, self.m),
                 "group_axis": self.group_axis, "density": round(layer.density(), 6),
-                "frozen_fraction": layer.stats["frozen_fraction"], "last_flips": layer.stats["last_flips"],
-                "total_flips": layer.stats["total_flips"], "updates": layer.stats["updates"],
-                "backward_mask": layer.par.bwd_mask is not None, "note": layer.bwd_note,
-                "kernel": layer.kernel_note,
+                "frozen_fraction": stats["frozen_fraction"], "last_flips": stats["last_flips"],
+                "total_flips": stats["total_flips"], "updates": stats["updates"],
+                "backward_mask": layer.has_bwd_mask, "note": layer.bwd_note, "kernel": layer.kernel_note,
             })
         return rows
 
     def __repr__(self) -> str:
-        lines = [f"Sparsifier(method={self.method.name}, nm={format_nm(self.n, self.m)}, step={self.step})"]
+        lines = [f"Sparsifier(method={self.method.name}, nm={format_nm(self.n, self.m)}, step={self.step_count})"]
         for row in self.layer_report():
             if row["sparse"]:
                 lines.append(f"  {row['name']:40s} {str(row['shape']):22s} sparse  density={row['density']:.4f}"
-                             f" frozen={row['frozen_fraction']:.3f} flips={row['last_flips']}")
+                             f" frozen={row['frozen_fraction']:.3f} flips={row['total_flips']}")
             else:
                 lines.append(f"  {row['name']:40s} {str(row['shape']):22s} dense   ({row['reason']})")
         return "\n".join(lines)
 
+    # -- state ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: step, masks, per-layer state, method state."""
+        """Everything needed to resume exactly: step, masks, per-layer state and statistics, method state.
+
+        Masks and per-layer state are saved here only (not in ``model.state_dict()``).
+        """
         layers = {}
         for layer in self.layers:
-            entry = {"mask": layer.mask.detach().cpu().clone(), "stats": dict(layer.stats)}
+            stats = {**layer.stats, "window": layer.window, "window_flips": int(layer._flips[2])}
+            entry = {"mask": layer.mask.detach().cpu().clone(), "stats": stats}
             for name in layer.state_names:
                 entry[name] = layer.state(name).detach().cpu().clone()
             layers[layer.name] = entry
         return {
             "version": _STATE_VERSION, "method": self.method.name, "nm": format_nm(self.n, self.m),
-            "group_axis": self.group_axis, "step": self.step, "layers": layers,
+            "group_axis": self.group_axis, "step": self.step_count, "layers": layers,
             "method_state": self.method.state_dict(),
         }
 
@@ -333,10 +481,17 @@ class Sparsifier:
                 if name not in entry:
                     raise CheckpointError(f"sparsifier state has no {name!r} for {layer.name}")
                 layer.state(name).copy_(entry[name].to(layer.mask.device))
-            layer.stats.update(entry.get("stats", {}))
-        self.step = int(state["step"])
+            stats = entry.get("stats", {})
+            layer.updates = int(stats.get("updates", 0))
+            layer.frozen_fraction = float(stats.get("frozen_fraction", 0.0))
+            layer.window = int(stats.get("window", 0))
+            layer._flips.copy_(torch.tensor([stats.get("total_flips", 0), stats.get("last_flips", 0),
+                                             stats.get("window_flips", 0)]))
+        self.step_count = int(state["step"])
         self.method.load_state_dict(state.get("method_state", {}))
-        self.method.refresh(self)
+        step = self.plan(self.step_count)
+        for layer in self.layers:
+            self._refresh(self.step_count, layer, step)
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         mine = {"method": self.method.name, "nm": format_nm(self.n, self.m), "group_axis": self.group_axis}
@@ -381,62 +536,3 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / DataParallel, so names match the user's model."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
     return model.module if isinstance(model, wrappers) else model
-
-
-def sparsify(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    method: str = "bame",
-    nm: str | tuple[int, int] = "2:4",
-    total_steps: int | None = None,
-    *,
-    group_axis: str = "cin",
-    include: Iterable[str] = (),
-    exclude: Iterable[str] = (),
-    layer_filter: LayerFilter | None = None,
-    seed: int = 0,
-    steps_per_epoch: int | None = None,
-    kernel: str = "dense",
-    verbose: bool = True,
-    **options: Any,
-) -> Sparsifier:
-    """Make a model's training N:M sparse with one line.
-
-    Args:
-        model: the model (or its DistributedDataParallel wrapper).
-        optimizer: the optimizer that updates it; the sparsifier hooks its ``step``. None: attach the masks
-            now and call :meth:`Sparsifier.bind` once the optimizer exists (frameworks that create it later).
-        method: a registered method name (see :func:`bame.methods.available`).
-        nm: the N:M pattern, e.g. ``"2:4"`` or ``"1:16"``.
-        total_steps: the run's number of optimizer steps T (needed for fractional schedule options).
-        group_axis: ``"cin"`` (M consecutive input channels) or ``"kflat"`` (row-major flattened kernel).
-        include: layer names or patterns to make sparse regardless of the default policy.
-        exclude: layer names or patterns to keep dense.
-        layer_filter: ``(name, module) -> bool`` replacing the default policy.
-        seed: seed of the method's random choices (identical on every rank).
-        steps_per_epoch: optimizer steps per epoch, for methods with epoch-granular schedules (LBC, MaxQ).
-        kernel: ``"dense"`` (masked dense products) or ``"sparse"``: Linear layers and 1x1 convs run the
-            N:M kernels of :mod:`bame.kernels` where a measured plan beats dense (same numbers).
-        verbose: log one line per layer left dense.
-        **options: the method's own options (e.g. ``delta_t``, ``alpha``, ``t_i`` for BAME).
-
-    Returns:
-        The :class:`Sparsifier`.
-    """
-    n, m = parse_nm(nm)
-    if group_axis not in GROUP_AXES:
-        raise ConfigError(f"unknown group_axis {group_axis!r}: choose one of {', '.join(GROUP_AXES)}")
-    if total_steps is not None and (not isinstance(total_steps, int) or total_steps <= 0):
-        raise ConfigError(f"total_steps must be a positive int, not {total_steps!r}")
-    cls = methods.get(method)
-    instance = cls(cls.make_options(**options), n=n, m=m, total_steps=total_steps, seed=seed,
-                   steps_per_epoch=steps_per_epoch)
-    if kernel not in ("dense", "sparse"):
-        raise ConfigError(f"kernel must be 'dense' or 'sparse', not {kernel!r}")
-    sparsifier = Sparsifier(model, optimizer, instance, group_axis=group_axis, include=include, exclude=exclude,
-                            layer_filter=layer_filter, verbose=verbose)
-    if kernel == "sparse":
-        from bame.kernels import enable_sparse_kernels
-
-        enable_sparse_kernels(sparsifier)
-    return sparsifier

@@ -94,11 +94,11 @@ def make(base: nn.Module, method: str | None, nm: str, kernel: str, fused: bool 
 
 def step_fn(model: nn.Module, opt: Any, sp: Any, x: torch.Tensor, target: torch.Tensor,
             t: int | None) -> Callable[[], None]:
-    """One whole training step; ``t`` (harness only) is what ``sparsifier.step`` is set to first."""
+    """One whole training step; ``t`` (harness only) is what ``sparsifier.step_count`` is set to first."""
 
     def run() -> None:
         if sp is not None and t is not None:
-            sp.step = t
+            sp.step_count = t
         opt.zero_grad(set_to_none=True)
         F.mse_loss(model(x), target).backward()
         opt.step()

@@ -9,10 +9,10 @@ iteration), the starting candidate rotating; the median over the repeats after w
 
 * ``baseline``: plain PyTorch, no bame at all; every ratio is relative to it.
 * ordinary iteration: the method's steady sparse phase (see ``common.HARNESS``: e.g. BAME with
-  ``t_i=0, t_f=10**9, delta_t=100`` and ``sparsifier.step = 101`` before each timed step).
-* update iteration: BAME-family ``t % delta_t == 0`` (``sparsifier.step = 100``); Bi-Mask's permutation
-  search (``sparsifier.step = 99``: the search for iteration 100 runs in the post-hook of 99). Setting
-  ``sparsifier.step`` by hand is a harness device, not library behaviour.
+  ``t_i=0, t_f=10**9, delta_t=100`` and ``sparsifier.step_count = 101`` before each timed step).
+* update iteration: BAME-family ``t % delta_t == 0`` (``sparsifier.step_count = 100``); Bi-Mask's permutation
+  search (``sparsifier.step_count = 99``: the search for iteration 100 runs in the post-hook of 99). Setting
+  ``sparsifier.step_count`` by hand is a harness device, not library behaviour.
 * amortised at delta_t = 100: ``(99 * ordinary + 1 * update) / 100``, relative to the baseline.
 
     python benchmarks/bench_step.py --repeats 10 --out results/bench_step.json

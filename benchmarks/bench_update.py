@@ -5,10 +5,10 @@ For each N:M pattern, a real BAME sparsifier is attached to a copy of torchvisio
 default layer policy: every conv but the stem, fc dense; about 23.5 M sparse weights) and every sparse
 weight gets a fixed random dense gradient. Two candidates per pattern:
 
-* ``pure``: the pure functions, exactly as ``BlockEvolution._update_layer`` calls them, per layer:
+* ``pure``: the pure functions, exactly as ``Sparsifier.evolve`` calls them, per layer:
   ``bame.nm.to_blocks`` of W, G and B, ``bame.lma.propose``, ``bame.obf.restrict`` (nothing written back;
   the time of each part is also reported);
-* ``method``: ``BlockEvolution._update_layer`` itself on the real sparsifier, which also writes the mask,
+* ``method``: ``Sparsifier.evolve`` itself on the real sparsifier, which also writes the mask,
   zeroes changed weights and their momentum, and records statistics.
 
 The dense training step (forward, backward, SGD step) of ResNet-50 at ``--step-batch`` 224x224 images is
@@ -74,7 +74,7 @@ class Update:
         return sum(layer.mask.numel() for layer in self.sp.layers)
 
     def pure(self) -> None:
-        """LMA + OBF via the pure functions, as ``BlockEvolution._update_layer`` calls them."""
+        """LMA + OBF via the pure functions, as ``Sparsifier.evolve`` calls them."""
         method, parts = self.sp.method, {"blocks": 0.0, "lma": 0.0, "obf": 0.0}
         o = method.options
         for layer in self.sp.layers:
@@ -94,9 +94,9 @@ class Update:
             self.parts[k].append(v * 1e3)
 
     def method(self) -> None:
-        """``BlockEvolution._update_layer`` on every layer (mask write, zeroing, statistics included)."""
+        """``Sparsifier.evolve`` on every layer (mask write, zeroing, statistics included)."""
         for layer in self.sp.layers:
-            self.sp.method._update_layer(self.t, layer, self.sp)
+            self.sp.evolve(self.t, layer, layer.weight.grad)
         self.sp.pop_events()
 
 
@@ -178,7 +178,7 @@ def print_table(result: dict[str, Any]) -> None:
                      f"{100 * r['pure_share_of_step']:.1f}%", f"{100 * r['method_share_of_step']:.1f}%",
                      f"{100 * r['method_amortised_share']:.3f}%"])
     print(common.format_table(
-        ["N:M", "layers", "weights", "LMA+OBF ms", "blocks/LMA/OBF", "_update_layer ms", "pure/step",
+        ["N:M", "layers", "weights", "LMA+OBF ms", "blocks/LMA/OBF", "evolve ms", "pure/step",
          "method/step", "method/(100 steps)"], rows))
 
 

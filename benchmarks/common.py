@@ -8,8 +8,8 @@ after warm-up is taken. Absolute milliseconds are printed too, but they depend o
 
 The harness (:data:`HARNESS`) is benchmark scaffolding, not library behaviour: it gives each registered
 method the options that put a chosen iteration in its steady sparse phase, and the iteration index to
-set ``sparsifier.step`` to before a timed step of each kind (``"ordinary"`` or ``"update"``). Setting
-``sparsifier.step`` by hand lets one run time the same kind of iteration over and over; in training
+set ``sparsifier.step_count`` to before a timed step of each kind (``"ordinary"`` or ``"update"``). Setting
+``sparsifier.step_count`` by hand lets one run time the same kind of iteration over and over; in training
 the index only ever increases.
 """
 
@@ -50,7 +50,7 @@ class Harness:
     Attributes:
         options: the method's options (passed to ``bame.sparsify``) that make ``ordinary_t`` a steady
             sparse iteration.
-        ordinary_t: the value of ``sparsifier.step`` before a timed ordinary iteration.
+        ordinary_t: the value of ``sparsifier.step_count`` before a timed ordinary iteration.
         update_t: the value before a timed mask-update iteration, or None if the method has none.
         note: what an update iteration does, and why ``update_t`` is that index.
     """
@@ -141,12 +141,12 @@ class Trainee:
 
     def step_fn(self, x: torch.Tensor, y: torch.Tensor, t: int | None) -> Callable[[], None]:
         """One full training iteration: zero_grad, forward, loss, backward, optimizer step (with the
-        sparsifier's hooks). ``t``: the value ``sparsifier.step`` is set to first (harness only)."""
+        sparsifier's hooks). ``t``: the value ``sparsifier.step_count`` is set to first (harness only)."""
         model, opt, sp = self.model, self.optimizer, self.sparsifier
 
         def run() -> None:
             if sp is not None and t is not None:
-                sp.step = t
+                sp.step_count = t
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()

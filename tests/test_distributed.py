@@ -82,7 +82,7 @@ def _engine(out: Path, rank: int) -> None:
 
     def finish(run: engine.Run, last: dict) -> dict:
         state = {"weights": checkpoint.plain_state_dict(run.model, run.sparsifier.masks()),
-                 "sparsifier": run.sparsifier.state_dict(), "step": run.sparsifier.step}
+                 "sparsifier": run.sparsifier.state_dict(), "step": run.sparsifier.step_count}
         torch.save(state, out / f"engine-rank{rank}.pt")
         return original(run, last)
 
@@ -98,7 +98,7 @@ def _perturb(out: Path, rank: int) -> None:
     calls = []
 
     def check(run: engine.Run) -> None:
-        calls.append(run.sparsifier.step - 1)
+        calls.append(run.sparsifier.step_count - 1)
         if rank == 1 and len(calls) == 3:  # a single flipped entry in one layer of one rank
             run.sparsifier.layers[-1].mask.view(-1)[7] ^= True
         original(run)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import bame
-from bame import config, flops, methods
+from bame import config, flops, methods, predict
 from bame.cli import main
 from bame.engine import fit
 
@@ -87,7 +87,7 @@ def sparse_only(method: str, nm: str, total: int, nominal: int | None = None, **
     sp = bame.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), method, nm, total_steps=total,
                        layer_filter=lambda name, mod: name == "0", verbose=False, **options)
     cost = flops.ModelCost({"0.weight": flops.LayerCost("0.weight", 1.0, True)}, 0.0, 0.0)
-    return flops.replay(sp, flops.Ledger(cost, batch_size=1, nominal_steps=nominal or total), total)
+    return predict.replay(sp, flops.Ledger(cost, batch_size=1, nominal_steps=nominal or total), total)
 
 
 @pytest.mark.parametrize("nm, expected", [
@@ -128,12 +128,28 @@ def test_asp_trains_twice_as_long_and_costs_one_and_a_half():
 
 def exhaustive(sp: bame.Sparsifier, ledger: flops.Ledger, total: int) -> flops.Ledger:
     """The engine's loop verbatim: charges read on every iteration (masks replayed as :func:`replay` does)."""
-    changing, prepare = flops._changing(sp, total), flops.measures_masks(sp)
+    changing, prepare = predict.changing(sp, total), sp.method.charges_follow_masks
     for t in range(total):
         if prepare and changing[t]:
-            sp.method.prepare(t, sp)
+            sp.prepare(t)
         ledger.add(sp.charges(t), sp.method.phase_of(t))
     return ledger
+
+
+def charges_follow_masks_by_experiment(sp: bame.Sparsifier, t: int = 0) -> bool:
+    """Clear every mask, let the method re-derive what it derives from masks (as after a state load),
+    compare the charges, then restore both."""
+    before = sp.charges(t)
+    saved = [layer.mask.clone() for layer in sp.layers]
+    for layer in sp.layers:
+        layer.mask.zero_()
+        sp.method.refresh(t, layer)
+    after = sp.charges(t)
+    for layer, mask in zip(sp.layers, saved, strict=True):
+        layer.mask.copy_(mask)
+        sp.method.refresh(t, layer)
+    assert sp.charges(t) == before
+    return after != before
 
 
 def test_only_lbc_charges_follow_its_masks():
@@ -143,8 +159,9 @@ def test_only_lbc_charges_follow_its_masks():
         sp = bame.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), method, "1:4", total_steps=20,
                            verbose=False)
         masks = [layer.mask.clone() for layer in sp.layers]
-        if flops.measures_masks(sp):
+        if charges_follow_masks_by_experiment(sp):
             measured.add(method)
+        assert sp.method.charges_follow_masks == (method in measured)  # the declared fact is the behaviour
         assert all(torch.equal(a, layer.mask) for a, layer in zip(masks, sp.layers, strict=True))  # restored
     assert measured == {"lbc"}
 
@@ -154,7 +171,7 @@ def test_replay_shortcuts_change_no_bit(method):
     """Re-reading charges only where they can change gives the same sums as reading them every time."""
     nm = "1:4"
     results = []
-    for run in (flops.replay, exhaustive):
+    for run in (predict.replay, exhaustive):
         model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2))
         sp = bame.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), method, nm, total_steps=60,
                            steps_per_epoch=7, verbose=False, **small_schedule(method))
@@ -189,7 +206,7 @@ def test_prediction_equals_a_real_run(method, tmp_path):
     assert (method, cfg.nm) not in DATA_DEPENDENT
     summary = json.loads(json.dumps(fit(cfg, tmp_path / "run")))  # as written to summary.json
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
-    predicted = flops.predict(cfg)
+    predicted = predict.predict(cfg)
     assert {k: predicted[k] for k in EXACT_KEYS} == {k: on_disk[k] for k in EXACT_KEYS}
     assert summary["steps"] == predicted["steps"] == 24
 
@@ -197,7 +214,7 @@ def test_prediction_equals_a_real_run(method, tmp_path):
 def test_lbc_2_4_prediction_is_close_but_data_dependent(tmp_path):
     cfg = digits_cfg("lbc", "2:4")
     real = fit(cfg, tmp_path / "run")["train_flops_ratio"]
-    predicted = flops.predict(cfg)["train_flops_ratio"]  # untrained scores: removal by candidate index
+    predicted = predict.predict(cfg)["train_flops_ratio"]  # untrained scores: removal by candidate index
     assert abs(predicted - real) < 0.05
 
 
@@ -223,7 +240,7 @@ def test_cli_flops_refuses_a_batch_larger_than_the_dataset(capsys):
 def test_resnet32_bame_1_16_is_near_the_spec_figure():
     cfg = config.build({"dataset": "cifar10", "model": "resnet32", "method": "bame", "nm": "1:16",
                         "epochs": 30})
-    pred = flops.predict(cfg)
+    pred = predict.predict(cfg)
     # sparse layers alone: 0.286 (SPEC 7); the dense stem and head and the other ops add a little
     assert 0.286 < pred["train_flops_ratio"] < 0.30
     assert pred["product_ratio"]["dx_hw"] == pytest.approx(1.0) and pred["steps"] == 30 * 195

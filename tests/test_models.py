@@ -79,7 +79,7 @@ def test_available_lists_every_model_in_order_with_one_line_descriptions() -> No
 
 
 def test_register_adds_a_model_and_refuses_a_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(models.REGISTRY, "_entries", dict(models.REGISTRY._entries))
 
     @models.register("tiny_linear", "one linear layer")
     def tiny_linear(*, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:

@@ -41,13 +41,15 @@ def test_report_writes_the_figures_and_markdown(written):
     names = {p.name for p in written.iterdir()}
     assert {"report.md", "curves.png", "flops.png", "00-bame-s0-sad.png", "00-bame-s0-layers.png",
             "01-bame-s1-sad.png", "01-bame-s1-layers.png"} <= names
-    assert not {"02-sr_ste-s0-sad.png", "02-sr_ste-s0-layers.png"} & names  # SR-STE records no updates
+    # SR-STE re-chooses its masks every iteration: their flips are recorded (aggregated events), so it has a
+    # layer plot; it keeps no per-block flip counts (no evolution), so no Figure 2.
+    assert "02-sr_ste-s0-layers.png" in names and "02-sr_ste-s0-sad.png" not in names
     for name in names - {"report.md"}:
         assert (written / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (written / "report.md").read_text()
     for name in names - {"report.md"}:
         assert f"]({name})" in text
-    assert "sr_ste recorded no mask updates" in text
+    assert "recorded no mask updates" not in text
 
 
 def test_report_table_has_mean_and_std_over_seeds(runs, written):

@@ -92,7 +92,7 @@ def test_invariants_every_step(nm, delta_t, t_i, span, freeze, opt, axis, grad_m
                         assert not value[~layer.mask].any()
             else:  # the gradual budget k(t) of the next iteration
                 assert (counts == gradual_budget(t + 1, t_i, delta_t, n, m)).all()
-    assert sp.step == total
+    assert sp.step_count == total
 
 
 def test_gradual_phase_dense_gradient_lets_pruned_weights_train():
@@ -176,7 +176,7 @@ def test_state_dict_round_trip_is_bit_identical(method):
     model_c.load_state_dict(state["model"])
     opt_c.load_state_dict(state["opt"])
     sp_c.load_state_dict(state["sp"])
-    assert sp_c.step == 18
+    assert sp_c.step_count == 18
     train(model_c, opt_c, data[18:])
     for (name, pa), pc in zip(model_a.state_dict().items(), model_c.state_dict().values()):
         assert torch.equal(pa, pc), name
@@ -209,9 +209,9 @@ def test_squash_leaves_plain_modules_with_nm_weights():
     assert torch.equal(model(x), expected)
     assert is_nm(model[2].weight != 0, 2, 4, exact=False) and torch.equal(model[2].weight != 0, masks["2.weight"]
                                                                             | (model[2].weight != 0))
-    step = sp.step
+    step = sp.step_count
     train(model, opt, batches(1))
-    assert sp.step == step  # no hooks left
+    assert sp.step_count == step  # no hooks left
 
 
 def test_grad_scaler_skipped_step_and_accumulation():
@@ -224,12 +224,12 @@ def test_grad_scaler_skipped_step_and_accumulation():
     masks = {k: v.clone() for k, v in sp.masks().items()}
     scaler.step(opt)
     scaler.update()
-    assert sp.step == 0 and all(torch.equal(masks[k], v) for k, v in sp.masks().items())
+    assert sp.step_count == 0 and all(torch.equal(masks[k], v) for k, v in sp.masks().items())
     opt.zero_grad()
     for _ in range(2):  # two micro-batches, one optimizer step
         scaler.scale(F.cross_entropy(model(x), y) / 2).backward()
     scaler.step(opt)
-    assert sp.step == 1
+    assert sp.step_count == 1
 
 
 def test_lr_of_follows_the_schedule():

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     run_ = engine.build(cfg, path.parent, info)
     engine.restore(run_, state)
     loss, top1 = engine.evaluate(run_.model, run_.test_loader, info, cfg.amp)
-    result = {"path": str(args.path), "test_loss": loss, "top1": top1, "step": run_.sparsifier.step}
+    result = {"path": str(args.path), "test_loss": loss, "top1": top1, "step": run_.sparsifier.step_count}
     print(json.dumps(result) if args.json else f"{args.path}: test top-1 {top1:.2f}%  loss {loss:.4f}  "
-          f"(step {run_.sparsifier.step})")
+          f"(step {run_.sparsifier.step_count})")
     return 0

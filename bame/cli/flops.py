@@ -44,11 +44,11 @@ def reference_config(cfg: TrainConfig, method: str) -> TrainConfig:
 
 def predict_with_reference(cfg: TrainConfig, compare: str, spe: int | None) -> dict[str, Any]:
     """The prediction for ``cfg``, plus its ratios to the ``compare`` method's prediction."""
-    from bame import flops
+    from bame.predict import predict
 
-    out = flops.predict(cfg, spe)
+    out = predict(cfg, spe)
     if compare != "none":
-        ref = out if compare == cfg.method else flops.predict(reference_config(cfg, compare), spe)
+        ref = out if compare == cfg.method else predict(reference_config(cfg, compare), spe)
         out["compare"] = compare
         out["compare_train_flops_ratio"] = ref["train_flops_ratio"]
         out["compare_train_flops_ratio_hw"] = ref["train_flops_ratio_hw"]
@@ -74,7 +74,7 @@ def phase_lines(pred: dict[str, Any]) -> list[str]:
 
 def format_prediction(pred: dict[str, Any]) -> list[str]:
     """The human-readable report of :func:`predict_with_reference`."""
-    nm = "dense" if pred["method"] == "dense" else pred["nm"]
+    nm = pred["nm"] if pred["uses_masks"] else "dense"
     r = pred["product_ratio"]
     lines = [
         f"{pred['model']} on {pred['dataset']}, {pred['method']} {nm}: {pred['epochs']} epochs x "

@@ -1,4 +1,8 @@
-"""Command-line flags generated from the config dataclass and the methods' Options dataclasses."""
+"""Command-line flags generated from the config dataclass and the methods' Options dataclasses.
+
+Each flag's type, default and help come from the field that defines it (:func:`bame.options.option`);
+an option shared by several methods lists what it does for each of them.
+"""
 
 from __future__ import annotations
 
@@ -6,49 +10,45 @@ import argparse
 import dataclasses
 from typing import Any
 
+import yaml
+
 from bame import config, methods
 from bame.errors import ConfigError
+from bame.options import default_of, help_of, kinds, parse_text
 
-#: TrainConfig fields that are not flags (nested or recipe-only).
-_NOT_FLAGS = {"method_options", "target"}
-_HELP = {
-    "dataset": "dataset name (bame datasets)", "model": "model name (bame models); default: the dataset's",
-    "method": "sparse-training method (bame methods)", "nm": "N:M pattern, e.g. 2:4 or 1:16",
-    "epochs": "nominal epochs", "batch_size": "global batch size", "max_steps": "stop after K steps; the "
-    "schedules are fitted to K", "data_dir": "where the dataset files are", "download": "download the dataset "
-    "when missing (cifar10, fashion-mnist)", "device": "auto, cpu or cuda", "workers": "data-loading workers",
-    "group_axis": "cin or kflat", "kernel": "dense (masked) or sparse (N:M kernels for Linear layers)",
-    "check_masks": "verify after every mask update that all ranks hold identical masks",
-}
+#: TrainConfig fields that are not plain flags (nested, or recipe-only).
+_NOT_FLAGS = {"method_options", "model_options", "target"}
 
 
-def _number(text: str) -> int | float:
-    """An iteration index (int) or a fraction of the run (float)."""
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _flag_kwargs(default: Any, annotation: str) -> dict[str, Any]:
-    if isinstance(default, bool):
+def _flag_kwargs(annotation: Any, metavar: str) -> dict[str, Any]:
+    names = kinds(annotation)
+    if "bool" in names:
         return {"action": argparse.BooleanOptionalAction}
-    if "int | float" in annotation or "float | int" in annotation:
-        return {"type": _number}
-    if isinstance(default, int) or annotation.startswith("int"):
-        return {"type": int}
-    if isinstance(default, float) or annotation.startswith("float"):
-        return {"type": float}
-    return {"type": str}
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_text(annotation, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = metavar.lower()  # argparse names the type in its error messages
+    return {"type": parse, "metavar": metavar}
 
 
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+def _metavar(annotation: Any, choices: tuple | None) -> str:
+    if choices:
+        return "{" + ",".join(map(str, choices)) + "}"
+    names = [k for k in kinds(annotation) if k != "None"]
+    return {"int": "N", "float": "X", "str": "TEXT"}.get(names[0], "V") if len(names) == 1 else "STEP"
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def _rounded(value: Any) -> str:
+    """A default as a reader wants it: 1/3 as 0.3333, not 0.3333333333333333."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -57,30 +57,51 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(config.TrainConfig):
         if f.name in _NOT_FLAGS:
             continue
-        default = _default_of(f)
+        meta = dict(f.metadata)
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                           help=f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})",
-                           **_flag_kwargs(default, str(f.type)))
+                           help=_escape(f"{help_of(f)} (default: {_rounded(default_of(f))})"),
+                           **_flag_kwargs(f.type, _metavar(f.type, meta.get("choices"))))
+    group.add_argument("--model-option", dest="model_option", action="append", default=argparse.SUPPRESS,
+                       metavar="KEY=VALUE", help="a model-specific option, e.g. shortcut=B (repeatable)")
 
 
-def method_option_fields() -> dict[str, tuple[Any, str, str]]:
-    """Every method option: name -> (default, annotation, methods that have it)."""
-    out: dict[str, tuple[Any, str, list[str]]] = {}
+def method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Every method option name -> ``[(method, field), ...]`` for the methods that have it."""
+    out: dict[str, list[tuple[str, dataclasses.Field]]] = {}
     for name in methods.available():
         for f in dataclasses.fields(methods.get(name).Options):
-            entry = out.setdefault(f.name, (_default_of(f), str(f.type), []))
-            entry[2].append(name)
-    return {k: (v[0], v[1], ", ".join(v[2])) for k, v in out.items()}
+            out.setdefault(f.name, []).append((name, f))
+    return out
+
+
+def _method_help(owners: list[tuple[str, dataclasses.Field]]) -> str:
+    """What an option does for each method that has it (methods sharing one meaning share one line)."""
+    parts: dict[str, list[str]] = {}
+    for method, f in owners:
+        parts.setdefault(f"{help_of(f)} (default {_rounded(default_of(f))})", []).append(method)
+    return "; ".join(f"[{', '.join(names)}] {text}" for text, names in parts.items())
 
 
 def add_method_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method options (each method's own defaults apply when not given)")
-    for name, (default, annotation, owners) in method_option_fields().items():
+    for name, owners in method_option_fields().items():
         flag = name.replace("_", "-")
         if name in config.FIELDS:  # a method option named like a training option gets a prefix
             flag = f"method-{flag}"
+        f = owners[0][1]
         group.add_argument(f"--{flag}", dest=f"mopt_{name}", default=argparse.SUPPRESS,
-                           help=f"[{owners}]", **_flag_kwargs(default, annotation))
+                           help=_escape(_method_help(owners)),
+                           **_flag_kwargs(f.type, _metavar(f.type, dict(f.metadata).get("choices"))))
+
+
+def _model_options(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--model-option expects KEY=VALUE, not {pair!r}")
+        out[key.strip()] = yaml.safe_load(text)
+    return out
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,15 +111,15 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     options = {k[len("mopt_"):]: v for k, v in given.items() if k.startswith("mopt_")}
     if options:
         out["method_options"] = options
+    if given.get("model_option"):
+        out["model_options"] = _model_options(given["model_option"])
     return out
 
 
 def resolve(args: argparse.Namespace) -> config.TrainConfig:
-    """Defaults < recipe (--config) < explicit flags."""
+    """Defaults < recipe (--config) < explicit flags; every value checked."""
     recipe = config.load_recipe(args.config) if getattr(args, "config", None) else {}
-    cfg = config.build(recipe, overrides(args))
-    methods.get(cfg.method).make_options(**cfg.method_options)  # unknown options fail here, clearly
-    return cfg
+    return config.build(recipe, overrides(args))
 
 
 def check_positive(value: int, name: str) -> None:

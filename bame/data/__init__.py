@@ -11,12 +11,15 @@ The first three are held whole in memory and augmented batched on tensors (:clas
 ImageNet is decoded by DataLoader workers (:class:`~bame.data.imagenet.ImageFolderLoader`). Both follow
 the :class:`Loader` protocol, with the same seeded shuffling and rank sharding.
 
-Nothing is loaded when this package is imported, and torchvision is imported only for ImageNet.
+Each dataset module registers its :class:`DatasetSpec` (what it is, and the function that builds its
+loader) with :func:`register`; the registry finds every module of this package, so a new data set is one
+module. Nothing is loaded when this package is imported, and torchvision is imported only for ImageNet.
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,21 +29,70 @@ from bame.data.loader import Loader, TensorLoader
 from bame.data.sharding import EpochPlan
 from bame.data.transforms import CropFlip, Normalize
 from bame.errors import DataError
+from bame.registry import Registry
 
 __all__ = [
     "DEFAULT_DATA_DIR",
     "DatasetSpec",
     "Loader",
+    "Request",
     "TensorLoader",
     "available",
     "build_loader",
     "get_spec",
+    "in_memory",
+    "register",
 ]
 
 DEFAULT_DATA_DIR = Path("data")
 """Where datasets are looked for (and downloaded to) when no ``data_dir`` is given: ``./data``."""
 
 SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a loader is built for: a split of a dataset, where its files are, and the batch layout."""
+
+    spec: DatasetSpec
+    split: str
+    root: Path
+    download: bool
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    workers: int
+    device: torch.device
+    augment: bool
+
+    def plan(self, num_items: int) -> EpochPlan:
+        """The batch layout over ``num_items``, refusing a train batch larger than the split."""
+        train = self.split == "train"
+        plan = EpochPlan(num_items, self.batch_size, shuffle=train, drop_last=train, seed=self.seed,
+                         rank=self.rank, world_size=self.world_size)
+        if train and plan.num_global_batches == 0:
+            raise DataError(
+                f"batch size {self.batch_size} is larger than the {num_items} images of the {self.spec.name} "
+                "train split; use a smaller batch size"
+            )
+        return plan
+
+
+#: An in-memory split: ``(images uint8 [N, C, H, W], labels int64 [N], normalization, train augmentation)``.
+Split = tuple[torch.Tensor, torch.Tensor, Normalize, CropFlip]
+
+
+def in_memory(load: Callable[[str, Path, bool], Split]) -> Callable[[Request], Loader]:
+    """A dataset's loader builder from its ``load(split, root, download)``: the whole split in memory,
+    augmented batched on tensors (:class:`TensorLoader`)."""
+
+    def build(request: Request) -> Loader:
+        images, labels, normalize, augmentation = load(request.split, request.root, request.download)
+        return TensorLoader(images, labels, request.plan(len(images)), normalize,
+                            augmentation if request.augment else None, request.device)
+
+    return build
 
 
 @dataclass(frozen=True)
@@ -56,6 +108,7 @@ class DatasetSpec:
         default_model: the model the recipes train on it.
         train_size: images in the standard train split, or ``None`` when it depends on the files.
         test_size: images in the standard test split, or ``None`` when it depends on the files.
+        loader: builds a split's loader from a :class:`Request` (:func:`in_memory` for the small ones).
     """
 
     name: str
@@ -66,30 +119,30 @@ class DatasetSpec:
     default_model: str
     train_size: int | None
     test_size: int | None
+    loader: Callable[[Request], Loader]
 
 
-_REGISTRY: dict[str, DatasetSpec] = {
-    spec.name: spec
-    for spec in (
-        DatasetSpec("digits", "scikit-learn's bundled 8x8 handwritten digits (no download)",
-                    10, 1, 8, "smallcnn", 1437, 360),
-        DatasetSpec("fashion-mnist", "Fashion-MNIST 28x28 clothing images (IDX files)",
-                    10, 1, 28, "smallcnn", 60000, 10000),
-        DatasetSpec("cifar10", "CIFAR-10 32x32 colour images (python batches, downloadable)",
-                    10, 3, 32, "resnet32", 50000, 10000),
-        DatasetSpec("imagenet", "ImageNet ILSVRC-2012 from an ImageFolder tree (train/, val/)",
-                    1000, 3, 224, "resnet50", None, None),
-    )
-}  # fmt: skip
+def _normalize(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+REGISTRY: Registry[DatasetSpec] = Registry("dataset", __name__, DataError, _normalize,
+                                           sort_key=lambda spec: spec.image_size,
+                                           unknown="unknown {kind} {name!r}; choose one of: {names}")
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    """Make a dataset available by its ``name``."""
+    return REGISTRY.register(spec.name, spec, spec.description)
 
 
 def available() -> dict[str, DatasetSpec]:
-    """All datasets, by name, in a fixed order (smallest first).
+    """All datasets, by name, smallest images first.
 
     Returns:
         A new dict each call: changing it does not change the registry.
     """
-    return dict(_REGISTRY)
+    return REGISTRY.values()
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -100,10 +153,7 @@ def get_spec(name: str) -> DatasetSpec:
     Raises:
         DataError: an unknown name; the message lists the valid ones.
     """
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in _REGISTRY:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(_REGISTRY)}")
-    return _REGISTRY[key]
+    return REGISTRY.get(name)
 
 
 def build_loader(
@@ -161,59 +211,6 @@ def build_loader(
     except (RuntimeError, TypeError) as exc:
         raise DataError(f"invalid device {device!r}; use e.g. 'cpu' or 'cuda:0'") from exc
     root = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
-    train = split == "train"
-    augment = train if augment is None else bool(augment)
-
-    if spec.name == "imagenet":
-        from bame.data import imagenet
-
-        if download:
-            raise DataError(
-                "ImageNet cannot be downloaded automatically; get it from image-net.org into --data-dir"
-            )
-        split_dir = imagenet.locate(split, root)
-        folder = imagenet.scan(str(split_dir))
-        plan = _plan(spec, split, len(folder.samples), batch_size, seed, rank, world_size)
-        return imagenet.ImageFolderLoader(split_dir, plan, augment, workers, device)
-
-    images, labels, normalize, augmentation = _in_memory(spec.name, split, root, download)
-    plan = _plan(spec, split, len(images), batch_size, seed, rank, world_size)
-    return TensorLoader(images, labels, plan, normalize, augmentation if augment else None, device)
-
-
-def _in_memory(
-    name: str, split: str, root: Path, download: bool
-) -> tuple[torch.Tensor, torch.Tensor, Normalize, CropFlip]:
-    """Load an in-memory dataset's split with its normalization and its train augmentation."""
-    if name == "digits":
-        from bame.data import digits
-
-        images, labels = digits.load(split)
-        mean, std = digits.train_stats()
-        # A one-pixel random shift: an 8x8 digit has no room for more, and must not be mirrored.
-        return images, labels, Normalize(digits.PIXEL_SCALE, mean, std), CropFlip(padding=1, flip=False)
-    if name == "fashion-mnist":
-        from bame.data import fashion_mnist
-
-        images, labels = fashion_mnist.load(split, root, download)
-        return images, labels, Normalize(255.0, fashion_mnist.MEAN, fashion_mnist.STD), CropFlip(0, flip=True)
-    from bame.data import cifar
-
-    images, labels = cifar.load(split, root, download)
-    return images, labels, Normalize(255.0, cifar.MEAN, cifar.STD), CropFlip(padding=4, flip=True)
-
-
-def _plan(
-    spec: DatasetSpec, split: str, num_items: int, batch_size: int, seed: int, rank: int, world_size: int
-) -> EpochPlan:
-    """The batch layout, refusing a train batch larger than the split (it would give empty epochs)."""
-    train = split == "train"
-    plan = EpochPlan(
-        num_items, batch_size, shuffle=train, drop_last=train, seed=seed, rank=rank, world_size=world_size
-    )
-    if train and plan.num_global_batches == 0:
-        raise DataError(
-            f"batch size {batch_size} is larger than the {num_items} images of the {spec.name} train split; "
-            "use a smaller batch size"
-        )
-    return plan
+    augment = split == "train" if augment is None else bool(augment)
+    return spec.loader(Request(spec, split, root, download, batch_size, seed, rank, world_size, workers, device,
+                               augment))

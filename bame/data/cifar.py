@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from bame.data import DatasetSpec, Split, in_memory, register
 from bame.data.download import download as fetch
 from bame.data.download import safe_extract
+from bame.data.transforms import CropFlip, Normalize
 from bame.errors import DataError
 
 DIRNAME = "cifar-10-batches-py"
@@ -198,3 +200,12 @@ def _load_files(keys: tuple[tuple[str, int, int], ...]) -> tuple[torch.Tensor, t
     if len(images) == 0:
         raise DataError(f"the CIFAR-10 files in {Path(keys[0][0]).parent} hold no images")
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _split(split: str, root: Path, download: bool) -> Split:
+    images, labels = load(split, root, download)
+    return images, labels, Normalize(255.0, MEAN, STD), CropFlip(padding=4, flip=True)
+
+
+register(DatasetSpec("cifar10", "CIFAR-10 32x32 colour images (python batches, downloadable)",
+                     NUM_CLASSES, 3, 32, "resnet32", 50000, 10000, in_memory(_split)))

@@ -8,10 +8,13 @@ paper table) trains on the same 1,437 images and tests on the same 360.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from bame.data import DatasetSpec, Split, in_memory, register
+from bame.data.transforms import CropFlip, Normalize, channel_stats
 from bame.errors import DataError
 
 NUM_TEST = 360
@@ -85,6 +88,16 @@ def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.lru_cache(maxsize=1)
 def train_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and standard deviation of the train split's scaled pixels, used for both splits."""
-    from bame.data.transforms import channel_stats
-
     return channel_stats(load("train")[0], PIXEL_SCALE)
+
+
+
+def _split(split: str, root: Path, download: bool) -> Split:
+    images, labels = load(split)
+    mean, std = train_stats()
+    # A one-pixel random shift: an 8x8 digit has no room for more, and must not be mirrored.
+    return images, labels, Normalize(PIXEL_SCALE, mean, std), CropFlip(padding=1, flip=False)
+
+
+register(DatasetSpec("digits", "scikit-learn's bundled 8x8 handwritten digits (no download)",
+                     10, 1, 8, "smallcnn", 1437, 360, in_memory(_split)))

@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bame.data import DatasetSpec, Split, in_memory, register
 from bame.data.download import download as fetch
 from bame.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from bame.data.transforms import CropFlip, Normalize
 from bame.errors import DataError
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -134,3 +136,12 @@ def _load_files(
         raise DataError(f"{images_path} holds no images")
     # read_idx returned fresh arrays: wrap them without another copy.
     return torch.from_numpy(images[:, None]), torch.from_numpy(labels.astype(np.int64))
+
+
+def _split(split: str, root: Path, download: bool) -> Split:
+    images, labels = load(split, root, download)
+    return images, labels, Normalize(255.0, MEAN, STD), CropFlip(0, flip=True)
+
+
+register(DatasetSpec("fashion-mnist", "Fashion-MNIST 28x28 clothing images (IDX files)",
+                     NUM_CLASSES, 1, IMAGE_SIZE, "smallcnn", 60000, 10000, in_memory(_split)))

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bame.data import DatasetSpec, Request, register
 from bame.data.sharding import EpochPlan, check_epoch
 from bame.data.transforms import Normalize
 from bame.errors import DataError
@@ -239,3 +240,16 @@ class ImageFolderLoader:
             f"batch_size={self.batch_size}, rank={self.plan.rank}/{self.plan.world_size}, "
             f"augment={self.sampler.augment}, device={self.device})"
         )
+
+
+def _loader(request: Request) -> ImageFolderLoader:
+    if request.download:
+        raise DataError("ImageNet cannot be downloaded automatically; get it from image-net.org into --data-dir")
+    split_dir = locate(request.split, request.root)
+    folder = scan(str(split_dir))
+    return ImageFolderLoader(split_dir, request.plan(len(folder.samples)), request.augment, request.workers,
+                             request.device)
+
+
+register(DatasetSpec("imagenet", "ImageNet ILSVRC-2012 from an ImageFolder tree (train/, val/)",
+                     1000, 3, 224, "resnet50", None, None, _loader))

@@ -62,11 +62,10 @@ class _LayerKernel:
         return self.packed is not None
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        t = self.sparsifier.step
-        method = self.sparsifier.method
+        t = self.sparsifier.step_count
         sink = self.layer.par.kernel_grad_sink()  # only this forward's backward may vouch for the gradient
         is_conv = isinstance(module, nn.Conv2d)
-        if not method.mask_is_final(t) or self.layer.group_axis != "cin" or not self._repack():
+        if not self.sparsifier.method.mask_is_final(t) or self.layer.group_axis != "cin" or not self._repack():
             return module._bame_base.forward(module, x)
         tokens = x.permute(0, 2, 3, 1) if is_conv else x  # (..., in)
         if self.plan is None:
@@ -76,7 +75,7 @@ class _LayerKernel:
             self.layer.kernel_note = self.plan.reason
         if self.plan.is_dense:
             return module._bame_base.forward(module, x)
-        dense_wgrad = method.charge(t, self.layer).dw >= 1.0  # the method needs the dense G this step
+        dense_wgrad = self.sparsifier.plan(t).dense_wgrad  # the method needs the dense G this step
         weight = module.weight.reshape(self.layer.shape[0], -1)  # effective W*B (or soft values), STE grad
         y = NMLinearFunction.apply(tokens, weight, self.packed, self.packed_bwd, module.bias, self.plan,
                                    dense_wgrad, True, sink)

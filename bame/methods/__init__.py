@@ -1,52 +1,30 @@
 """The registry of sparse-training methods.
 
-Adding a method is one new file in this package whose class is decorated with :func:`register`;
-discovery imports every module here, so the CLI lists it and the parametrized tests cover it.
+Adding a method is one new module in this package whose class (a :class:`bame.contract.Method`) is
+decorated with :func:`register`; the registry imports every module here on first use, so the command line
+lists the method and the parametrized tests cover it.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from bame.contract import Method
+from bame.registry import Registry
 
-from bame.errors import ConfigError
-from bame.methods.base import Charge, Method, NoOptions
+__all__ = ["REGISTRY", "available", "get", "register"]
 
-__all__ = ["Charge", "Method", "NoOptions", "available", "get", "register"]
-
-_REGISTRY: dict[str, type[Method]] = {}
-_ORDER = ("dense", "static", "asp", "sr_ste", "rigl_nm", "lma", "bame", "bame_bi", "bi_mask", "lbc", "maxq")
-_discovered = False
+REGISTRY: Registry[type[Method]] = Registry("method", __name__, sort_key=lambda cls: cls.order)
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by its ``name``."""
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-    _discovered = True
+    return REGISTRY.register(cls.name, cls, cls.description)
 
 
 def available() -> dict[str, str]:
     """Every registered method's name and one-line description, in the paper's table order."""
-    _discover()
-    names = sorted(_REGISTRY, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
-    return {name: _REGISTRY[name].description for name in names}
+    return REGISTRY.available()
 
 
 def get(name: str) -> type[Method]:
     """The method class registered as ``name``."""
-    _discover()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name]
+    return REGISTRY.get(name)

@@ -25,22 +25,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from bame.contract import Method, Step
 from bame.errors import ConfigError
 from bame.methods import register
-from bame.methods.base import Charge, Method
-from bame.methods.sr_ste import magnitude_mask
+from bame.options import Options, option
 from bame.schedules import resolve_step
 
 LAYER_POLICIES = ("bame", "reference")
 
 
 @dataclass
-class AspOptions:
-    prune_at: int | float = 0.5  # T counts dense + fine-tune epochs, which apex makes equal: prune at T/2
-    layer_policy: str = "bame"  # one policy for every method keeps comparisons fair (METHODS 0.2)
+class AspOptions(Options):
+    prune_at: int | float = option(0.5, "ASP: the one-shot prune (an iteration, or a fraction of the run; T counts "
+                                        "dense + fine-tune epochs, which apex makes equal: T/2)", step=True)
+    layer_policy: str = option("bame", "ASP: 'bame' (one policy for every method keeps comparisons fair, METHODS "
+                                       "0.2) or 'reference' (apex's dim0 % 8, dim1 % 16 rule)",
+                               choices=LAYER_POLICIES)
 
 
 def apex_eligible(name: str, module: nn.Module) -> bool:
@@ -54,6 +56,7 @@ def apex_eligible(name: str, module: nn.Module) -> bool:
 @register
 class Asp(Method):
     name = "asp"
+    order = 2
     description = "ASP: dense training, one-shot magnitude N:M prune, fine-tuning with the fixed mask"
     paper = "NVIDIA ASP (Nvidia, 2020; Mishra et al., 2021)"
     Options = AspOptions
@@ -62,12 +65,14 @@ class Asp(Method):
 
     def __init__(self, options, **kwargs) -> None:
         super().__init__(options, **kwargs)
-        if options.layer_policy not in LAYER_POLICIES:
-            choices = ", ".join(LAYER_POLICIES)
-            raise ConfigError(f"layer_policy must be one of {choices}, not {options.layer_policy!r}")
         self.prune_step = resolve_step(options.prune_at, self.total_steps, "prune_at")
         if self.total_steps is not None and self.prune_step >= self.total_steps:
             raise ConfigError(f"prune_at={self.prune_step} leaves no fine-tuning in {self.total_steps} steps")
+
+    def plan(self, t: int) -> Step:
+        if t < self.prune_step:
+            return Step("dense", keep=self.m, grad="dense")
+        return Step("finetune", keep=self.n, select=t == self.prune_step, zero="pruned", zeroed=True)
 
     def layer_filter(self):
         return apex_eligible if self.options.layer_policy == "reference" else None
@@ -77,36 +82,3 @@ class Asp(Method):
 
     def restart_steps(self) -> list[int]:
         return [self.prune_step] if self.prune_step > 0 else []
-
-    # -- lifecycle ---------------------------------------------------------------------------------------
-    def prepare(self, t: int, ctx) -> None:
-        if t == self.prune_step:
-            for layer in ctx.layers:
-                layer.set_mask(magnitude_mask(layer, self.n), ctx, zero="pruned")
-
-    def before_step(self, t: int, ctx) -> None:
-        if t >= self.prune_step:
-            for layer in ctx.layers:
-                layer.mask_grad()
-
-    @torch.no_grad()
-    def after_step(self, t: int, ctx) -> None:
-        if t >= self.prune_step:
-            for layer in ctx.layers:
-                layer.apply_mask()
-
-    # -- accounting --------------------------------------------------------------------------------------
-    def charge(self, t: int, layer) -> Charge:
-        if t < self.prune_step:
-            return Charge.dense()
-        r = self.r
-        return Charge(r, r, r, r, 1.0, r)
-
-    def phase_of(self, t: int) -> str:
-        return "dense" if t < self.prune_step else "finetune"
-
-    def mask_is_final(self, t: int) -> bool:
-        return t >= self.prune_step
-
-    def mask_may_change(self, t: int) -> bool:
-        return t + 1 == self.prune_step

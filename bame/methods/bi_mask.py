@@ -16,7 +16,8 @@
   ones (the reference uses NumPy's global RNG).
 
 Layers whose output channels do not divide by M (or that cannot route a custom input gradient) get no
-backward mask: their dX uses ``W * B_f`` and is charged dense, and ``layer.bwd_note`` says so.
+backward mask (the sparsifier decides, for every method with ``backward_masks``): their dX uses ``W * B_f``
+and is charged dense, and ``layer.bwd_note`` says so.
 
 Group axis: Bi-Mask's code groups the forward mask along the row-major flattened kernel (``kflat``);
 bame keeps the user's ``group_axis`` (default ``cin``) so that every method is compared on one layout.
@@ -28,18 +29,17 @@ from dataclasses import dataclass
 
 import torch
 
-from bame.errors import ConfigError
-from bame.masking import check_bidirectional_support
 from bame.methods import register
-from bame.methods.base import Charge
-from bame.methods.sr_ste import SrSte, SrSteOptions, magnitude_mask
-from bame.nm import backward_mask, blocking_problem
+from bame.methods.sr_ste import SrSte, SrSteOptions
+from bame.nm import backward_mask
+from bame.options import option
 
 
 @dataclass
 class BiMaskOptions(SrSteOptions):
-    perm_interval: int = 100  # Bi-Mask's `iter` option (options.py default, CIFAR and ImageNet commands)
-    candidates: int = 10  # `greedy_num`: options.py default and the CIFAR commands (ImageNet README: 100)
+    perm_interval: int = option(100, "Bi-Mask: iterations between permutation searches (its `iter` option)", low=1)
+    candidates: int = option(10, "Bi-Mask: random permutations scored per search (`greedy_num`: options.py "
+                                 "and the CIFAR commands; its ImageNet README uses 100)", low=1)
 
 
 def permutation_score(weight: torch.Tensor, mask: torch.Tensor, n: int, m: int, perm: torch.Tensor) -> int:
@@ -77,65 +77,30 @@ def random_permutations(size: int, count: int, generator: torch.Generator) -> li
 @register
 class BiMask(SrSte):
     name = "bi_mask"
+    order = 8
     description = "Bi-Mask: SR-STE forward/dW, N:M backward mask along outputs from a permutation search"
     paper = "Zhang et al., ICML 2023"
     Options = BiMaskOptions
     backward_note = "N:M dX (W*B_b along outputs, permuted); dense STE dW + lambda_w*(1-B_f)*W"
+    backward_masks = True
 
     def __init__(self, options, **kwargs) -> None:
         super().__init__(options, **kwargs)
-        if not isinstance(options.perm_interval, int) or options.perm_interval < 1:
-            raise ConfigError(f"perm_interval must be a positive integer, not {options.perm_interval!r}")
-        if not isinstance(options.candidates, int) or options.candidates < 1:
-            raise ConfigError(f"candidates must be a positive integer, not {options.candidates!r}")
         # One CPU stream, identical on every rank, consumed in the sparsifier's fixed layer order.
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def wants_bwd_mask(self) -> bool:
-        return True
+    def layer_state(self, layer) -> dict[str, torch.Tensor]:
+        return {"perm": torch.arange(layer.shape[0])} if layer.has_bwd_mask else {}  # the searched pi
 
-    def init_layer(self, layer, ctx) -> None:
-        problem = check_bidirectional_support(layer.module) or blocking_problem(layer.shape, self.m, "out")
-        if problem is not None:
-            layer.bwd_note = f"backward mask off ({problem}): dX uses the forward mask"
-            return
-        layer.add_state("perm", torch.arange(layer.shape[0]))  # the searched output permutation pi
-        layer.par.set_bwd_mask(layer.mask)
+    def select(self, t: int, layer, keep: int) -> torch.Tensor:
+        mask = super().select(t, layer, keep)  # (K, M) top-N |W|
+        if t % self.options.perm_interval == 0 and layer.has_bwd_mask:  # search with the new forward mask
+            weight = layer.weight.detach()
+            perms = random_permutations(layer.shape[0], self.options.candidates, self.generator)
+            best, _ = best_permutation(weight, layer.unblocks(mask), self.n, self.m,
+                                       [p.to(weight.device) for p in perms])
+            layer.state("perm").copy_(best)
+        return mask
 
-    @torch.no_grad()
-    def prepare(self, t: int, ctx) -> None:
-        for layer in ctx.layers:
-            layer.mask.copy_(magnitude_mask(layer, self.n))
-            if t % self.options.perm_interval == 0 and layer.par.bwd_mask is not None:
-                self._search(layer)
-        self._set_backward_masks(ctx)
-
-    def refresh(self, ctx) -> None:
-        super().refresh(ctx)
-        self._set_backward_masks(ctx)
-
-    @torch.no_grad()
-    def _search(self, layer) -> None:
-        weight, mask = layer.weight.detach(), layer.mask
-        perms = random_permutations(layer.shape[0], self.options.candidates, self.generator)
-        best, _ = best_permutation(weight, mask, self.n, self.m, [p.to(weight.device) for p in perms])
-        layer.state("perm").copy_(best)
-
-    @torch.no_grad()
-    def _set_backward_masks(self, ctx) -> None:
-        for layer in ctx.layers:
-            if layer.par.bwd_mask is not None:
-                perm = layer.state("perm")
-                layer.par.set_bwd_mask(backward_mask(layer.weight, layer.mask, self.n, self.m, perm))
-
-    def charge(self, t: int, layer) -> Charge:
-        r = self.r
-        dx = r if layer.par.bwd_mask is not None else 1.0
-        return Charge(r, dx, 1.0, r, dx, 1.0)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
+    def backward_perm(self, layer) -> torch.Tensor | None:
+        return layer.state("perm") if layer.has_bwd_mask else None

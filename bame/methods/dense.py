@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
+from bame.contract import Method, Step
 from bame.methods import register
-from bame.methods.base import Charge, Method
 
 
 @register
 class Dense(Method):
     name = "dense"
+    order = 0
     description = "no masks: the dense baseline row"
     paper = "-"
     uses_masks = False
     backward_note = "dense dX and dW"
 
-    def before_step(self, t: int, ctx) -> None:
-        pass
-
-    def phase_of(self, t: int) -> str:
-        return "dense"
-
-    def charge(self, t: int, layer) -> Charge:
-        return Charge.dense()
+    def plan(self, t: int) -> Step:
+        return Step("dense", keep=self.m, grad="dense")

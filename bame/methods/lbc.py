@@ -42,9 +42,12 @@ from dataclasses import dataclass
 
 import torch
 
+from bame.contract import Method, Step
 from bame.errors import ConfigError
+from bame.flops import Charge
 from bame.methods import register
-from bame.methods.base import Charge, Method
+from bame.nm import ranks
+from bame.options import Options, option, same_kind_order
 from bame.schedules import resolve_step
 
 GRANULARITIES = ("epoch", "iteration")
@@ -53,13 +56,22 @@ WARN_ALPHA_PER_WEIGHT = 16  # alpha holds C/M floats per weight; warn when that 
 
 
 @dataclass
-class LbcOptions:
-    t_i: int | float = 0  # LBC's README (ResNet-50): removal starts at epoch 0 ...
-    t_f: int | float = 0.5  # ... and ends at epoch 60 of 120, i.e. T/2 (LBC's own, not BAME's T/3, 2T/3)
-    exponent: float = 3.0  # the cubic schedule of LBC's ResNet code (its DeiT code uses 4)
-    granularity: str = "epoch"  # LBC evaluates card(e) per epoch (when the run's epoch length is known)
-    momentum: float = 0.9  # alpha shares LBC's SGD: momentum 0.9
-    alpha_weight_decay: float | None = None  # None: the weight's group's (LBC: 1e-4, as on the weights)
+class LbcOptions(Options):
+    t_i: int | float = option(0, "LBC: removal starts here (an iteration, or a fraction of the run; LBC's "
+                                 "README: epoch 0)", step=True)
+    t_f: int | float = option(0.5, "LBC: one candidate per block remains from here on (LBC's README: epoch 60 "
+                                   "of 120, i.e. T/2)", step=True)
+    exponent: float = option(3.0, "LBC: exponent of the removal schedule (3 in its ResNet code, 4 in its DeiT "
+                                  "code)", above=0.0)
+    granularity: str = option("epoch", "LBC/MaxQ: evaluate the schedule per 'epoch' (as the reference code, when "
+                                       "the epoch length is known) or per 'iteration'", choices=GRANULARITIES)
+    momentum: float = option(0.9, "LBC: momentum of the candidate scores' SGD (LBC's optimizer)", low=0.0)
+    alpha_weight_decay: float | None = option(None, "LBC: weight decay of the candidate scores (default: the "
+                                                    "weights' group's, as LBC's SGD)", low=0.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        same_kind_order("t_i", self.t_i, "t_f", self.t_f, strict=True)
 
 
 def candidate_matrix(n: int, m: int) -> torch.Tensor:
@@ -95,40 +107,31 @@ def remove_smallest(alpha: torch.Tensor, alive: torch.Tensor, removed: int) -> t
     """The alive set after removing, per block, the smallest signed alive alphas until ``removed``
     candidates are gone in total (ties: lower candidate index). Returns a new bool ``(K, C)``."""
     need = removed - (~alive).sum(dim=-1, keepdim=True)  # (K, 1)
-    scores = torch.where(alive, alpha, torch.full_like(alpha, math.inf))  # (K, C)
-    order = torch.sort(scores, dim=-1, stable=True).indices  # ascending
-    ranks = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(alpha.shape[-1], device=alpha.device).expand_as(order)
-    )
-    return alive & ~(ranks < need)
+    return alive & ~(ranks(torch.where(alive, alpha, math.inf), descending=False) < need)
 
 
 @register
 class Lbc(Method):
     name = "lbc"
+    order = 9
     description = "LBC: learned scores over the C(M,N) candidate subsets, removed on a cubic schedule"
     paper = "Zhang et al., NeurIPS 2022"
     Options = LbcOptions
     backward_note = "dX through W*mask(t), dW masked: both at the covered fraction d(t)"
+    charges_follow_masks = True
 
     def __init__(self, options, **kwargs) -> None:
         super().__init__(options, **kwargs)
-        o = options
         self.c = math.comb(self.m, self.n)
-        self.t_i = resolve_step(o.t_i, self.total_steps, "t_i")
-        self.t_f = resolve_step(o.t_f, self.total_steps, "t_f")
+        self.t_i = resolve_step(options.t_i, self.total_steps, "t_i")
+        self.t_f = resolve_step(options.t_f, self.total_steps, "t_f")
         if self.t_f <= self.t_i:
             raise ConfigError(f"LBC needs t_f > t_i (got t_i={self.t_i}, t_f={self.t_f})")
         if self.total_steps is not None and self.t_f > self.total_steps:
             warnings.warn(f"LBC: t_f={self.t_f} is after the end: the mask never becomes N:M", stacklevel=2)
-        if o.granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity must be 'epoch' or 'iteration', not {o.granularity!r}")
-        if not o.exponent > 0:
-            raise ConfigError(f"exponent={o.exponent} must be positive")
         self.p = candidate_matrix(self.n, self.m)  # (C, M)
         self.alpha0 = 1.0 / math.comb(self.m - 1, self.n - 1)
-        self._removed = 0  # candidates removed per block, the same in every block and layer
-        self._density: dict[str, tuple[float, float]] = {}  # layer -> (covered fraction, hw forward charge)
+        self._density: dict[str, tuple[int, float, float]] = {}  # layer -> (mask version, covered, N:M blocks)
 
     def check_nm(self, n: int, m: int) -> None:
         c = math.comb(m, n)
@@ -151,59 +154,43 @@ class Lbc(Method):
             return cardinality(t, self.c, self.t_i, self.t_f, self.options.exponent)
         return cardinality(t // spe, self.c, self.t_i / spe, self.t_f / spe, self.options.exponent)
 
+    def plan(self, t: int) -> Step:
+        card = self.card(t)
+        removes = card < (self.card(t - 1) if t > 0 else self.c)  # candidates go before t's forward
+        return Step("removal" if card > 1 else "fixed", keep=self.n if card == 1 else self.m, select=removes,
+                    zero="pruned", record="update", zeroed=True)
+
     def _p(self, device: torch.device) -> torch.Tensor:
         if self.p.device != device:
             self.p = self.p.to(device)
         return self.p
 
-    # -- lifecycle ---------------------------------------------------------------------------------------
-    def init_layer(self, layer, ctx) -> None:
+    # -- per layer -------------------------------------------------------------------------------------------
+    def layer_state(self, layer) -> dict[str, torch.Tensor]:
         shape = (layer.num_blocks, self.c)
-        layer.add_state("alpha", torch.full(shape, self.alpha0))  # (K, C) candidate scores
-        layer.add_state("alive", torch.ones(shape, dtype=torch.bool))  # (K, C) not yet removed
-        layer.add_state("alpha_momentum", torch.zeros(shape))  # (K, C) the internal SGD's buffer
-        self._density[layer.name] = (1.0, 1.0)
+        return {"alpha": torch.full(shape, self.alpha0),  # (K, C) candidate scores
+                "alive": torch.ones(shape, dtype=torch.bool),  # (K, C) not yet removed
+                "alpha_momentum": torch.zeros(shape)}  # (K, C) the internal SGD's buffer
 
-    @torch.no_grad()
-    def prepare(self, t: int, ctx) -> None:
-        removed = self.c - self.card(t)
-        if removed <= self._removed:
-            return
-        for layer in ctx.layers:
-            alive = layer.state("alive")
-            alive.copy_(remove_smallest(layer.state("alpha"), alive, removed))
-            layer.state("alpha").mul_(alive)
-            layer.state("alpha_momentum").mul_(alive)
-            flips = layer.set_mask(coverage(alive, self._p(alive.device)), ctx, zero="pruned")
-            self._measure(layer)
-            ctx.record(t, layer, updates=layer.stats["updates"] + 1, last_flips=flips,
-                       total_flips=layer.stats["total_flips"] + flips, alive=self.c - removed,
-                       density=self._density[layer.name][0])
-        self._removed = removed
+    def select(self, t: int, layer, keep: int) -> torch.Tensor:
+        alive = layer.state("alive")
+        alive.copy_(remove_smallest(layer.state("alpha"), alive, self.c - self.card(t)))
+        layer.state("alpha").mul_(alive)
+        layer.state("alpha_momentum").mul_(alive)
+        return coverage(alive, self._p(alive.device))
 
-    def refresh(self, ctx) -> None:
-        removed = {int((~layer.state("alive")).sum(dim=-1).max()) for layer in ctx.layers}
-        self._removed = max(removed, default=0)
-        for layer in ctx.layers:
-            self._measure(layer)
+    def refresh(self, t: int, layer) -> None:
+        if self._density.get(layer.name, (None,))[0] != layer.mask._version:  # measure once per mask change
+            counts = layer.blocks(layer.mask).sum(dim=-1)  # (K,)
+            nm_blocks = float((counts <= self.n).float().mean())  # blocks N:M hardware can accelerate
+            self._density[layer.name] = (layer.mask._version, float(counts.sum()) / layer.mask.numel(), nm_blocks)
 
-    def _measure(self, layer) -> None:
-        counts = layer.blocks(layer.mask).sum(dim=-1)  # (K,)
-        hw = torch.where(counts == self.n, self.r, 1.0).mean()  # N:M blocks can be accelerated, others not
-        self._density[layer.name] = (float(counts.sum()) / layer.mask.numel(), float(hw))
+    def event_fields(self, t: int, layer) -> dict:
+        return {"alive": self.card(t), "density": self._density[layer.name][1]}
 
-    @torch.no_grad()
-    def before_step(self, t: int, ctx) -> None:
-        if self._removed < self.c - 1:  # one candidate left: alpha is frozen
-            for layer in ctx.layers:
-                self._train_alpha(layer, ctx)
-        for layer in ctx.layers:
-            layer.mask_grad()
-
-    def _train_alpha(self, layer, ctx) -> None:
-        """One step of the internal SGD on alpha, from this iteration's dense G (before it is masked)."""
-        grad = layer.weight.grad
-        if grad is None:
+    def on_grad(self, t: int, layer, grad: torch.Tensor, ctx) -> None:
+        """One step of the internal SGD on alpha from the dense G (alpha is frozen once one candidate is left)."""
+        if self.card(t) == 1:
             return
         alpha, alive, buf = layer.state("alpha"), layer.state("alive"), layer.state("alpha_momentum")
         g = alpha_grad(layer.blocks(layer.weight.detach()), layer.blocks(grad), alive, self._p(alpha.device))
@@ -214,23 +201,8 @@ class Lbc(Method):
         buf.mul_(self.options.momentum).add_(g)  # torch.optim.SGD's momentum (dampening 0)
         alpha.sub_(buf * ctx.lr_of(layer.weight)).mul_(alive)
 
-    @torch.no_grad()
-    def after_step(self, t: int, ctx) -> None:
-        for layer in ctx.layers:
-            layer.apply_mask()
-
-    # -- accounting --------------------------------------------------------------------------------------
     def charge(self, t: int, layer) -> Charge:
-        d, fwd_hw = self._density.get(layer.name, (1.0, 1.0))
-        # hw: forward blocks with exactly N kept can run N:M; dX's operand is never N:M along outputs;
-        # dW is computed only at kept entries.
-        return Charge(d, d, d, fwd_hw, 1.0, d)
-
-    def phase_of(self, t: int) -> str:
-        return "removal" if self.card(t) > 1 else "fixed"
-
-    def mask_is_final(self, t: int) -> bool:
-        return self.card(t) == 1
-
-    def mask_may_change(self, t: int) -> bool:
-        return self.card(t + 1) < self.card(t)
+        # The measured covered fraction d(t) for all three products (its dW is masked); N:M hardware
+        # accelerates the forward of the blocks already down to N, and no dX (no mask N:M along outputs).
+        _, d, nm_blocks = self._density.get(layer.name, (None, 1.0, 0.0))
+        return Charge(fwd=d, dx=d, dw=d, nm=self.r, nm_blocks=nm_blocks)

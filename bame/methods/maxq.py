@@ -29,11 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from bame.contract import Method, Step
 from bame.errors import ConfigError
+from bame.flops import Charge
 from bame.methods import register
-from bame.methods.base import Charge, Method
 from bame.methods.sr_ste import add_sr_ste_decay
-from bame.nm import topn_mask
+from bame.nm import sorted_blocks, topn_mask
+from bame.options import Options, option, same_kind_order
 from bame.schedules import resolve_step
 
 SCHEDULES = ("linear", "cubic", "cos", "exp")
@@ -43,14 +45,24 @@ EXP_RATE = 0.05  # b of the reference's exp schedule
 
 
 @dataclass
-class MaxqOptions:
-    decay_start: int | float = 0  # ImageNet scripts: the N:M share grows over epochs [0, 30) of 120 ...
-    decay_end: int | float = 0.25  # ... i.e. the first quarter of training
-    schedule: str = "linear"  # args.py and the ImageNet scripts; cubic / cos / exp are the CIFAR sweeps'
-    incremental: str = "blocks"  # the default v2_pro variant: whole blocks become N:M, largest L1 first
-    tau: float = 0.01  # sigmoid temperature, absolute (not normalised to the weight scale), as in the code
-    lambda_w: float = 2e-4  # SR-STE's decay (decay_type v1)
-    granularity: str = "epoch"  # p is evaluated per epoch in the code (when the epoch length is known)
+class MaxqOptions(Options):
+    decay_start: int | float = option(0, "MaxQ: the N:M share of blocks starts growing here (ImageNet scripts: "
+                                         "epoch 0 of 120)", step=True)
+    decay_end: int | float = option(0.25, "MaxQ: every block is N:M from here on (ImageNet scripts: epoch 30 of "
+                                          "120, a quarter of the run)", step=True)
+    schedule: str = option("linear", "MaxQ: how the share grows (args.py and the ImageNet scripts: linear; cubic, "
+                                     "cos and exp are the CIFAR sweeps')", choices=SCHEDULES)
+    incremental: str = option("blocks", "MaxQ: 'blocks' (whole blocks become N:M, largest L1 first: the default "
+                                        "v2_pro variant) or 'per_block' (every block prunes gradually)",
+                              choices=INCREMENTAL)
+    tau: float = option(0.01, "MaxQ: sigmoid temperature of the soft scores, absolute (as in the code)", above=0.0)
+    lambda_w: float = option(2e-4, "MaxQ: SR-STE's decay (decay_type v1)", low=0.0)
+    granularity: str = option("epoch", "LBC/MaxQ: evaluate the schedule per 'epoch' (as the reference code, when "
+                                       "the epoch length is known) or per 'iteration'", choices=GRANULARITIES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        same_kind_order("decay_start", self.decay_start, "decay_end", self.decay_end)
 
 
 def dense_share(e: float, s: float, t: float, schedule: str = "linear") -> float:
@@ -94,7 +106,7 @@ def axis_soft(x: torch.Tensor, n: int, m: int, tau: float) -> torch.Tensor:
     keep = length - n_prune
     # One stable descending sort gives both the kept set (the first `keep`, ties to the lower index, as
     # topn_mask) and the threshold between the smallest kept and the largest pruned value.
-    ordered, order = torch.sort(x, dim=-1, descending=True, stable=True)  # (rows, L)
+    ordered, order = sorted_blocks(x)  # (rows, L), descending
     thr = (ordered[:, keep] + ordered[:, keep - 1]) / 2  # (rows,)
     hard = torch.zeros_like(x).scatter_(-1, order[:, :keep], 1.0)  # (rows, L) 0/1 in x's dtype
     return hard * torch.sigmoid((x - thr[:, None]) / tau)
@@ -126,7 +138,7 @@ def incremental_mask(
     mask = topn_mask(a, n)
     n_dense = math.floor(share * k)
     if n_dense > 0:
-        lightest = torch.sort(a.sum(dim=-1), stable=True).indices[:n_dense]  # (n_dense,) smallest L1
+        lightest = sorted_blocks(a.sum(dim=-1).view(1, -1), descending=False).indices[0, :n_dense]  # smallest L1
         mask[lightest] = True
     return mask
 
@@ -134,6 +146,7 @@ def incremental_mask(
 @register
 class Maxq(Method):
     name = "maxq"
+    order = 10
     description = "MaxQ: top-N mask times multi-axis soft scores; N:M share of blocks grows over a window"
     paper = "Xiang et al., CVPR 2024"
     Options = MaxqOptions
@@ -142,14 +155,6 @@ class Maxq(Method):
     def __init__(self, options, **kwargs) -> None:
         super().__init__(options, **kwargs)
         o = options
-        if o.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {o.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if o.incremental not in INCREMENTAL:
-            raise ConfigError(f"incremental must be one of {', '.join(INCREMENTAL)}, not {o.incremental!r}")
-        if not o.tau > 0:
-            raise ConfigError(f"tau={o.tau} must be positive")
-        if o.granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity must be 'epoch' or 'iteration', not {o.granularity!r}")
         self.decay_start = resolve_step(o.decay_start, self.total_steps, "decay_start")
         self.decay_end = resolve_step(o.decay_end, self.total_steps, "decay_end")
         s, t = self._window()
@@ -178,48 +183,36 @@ class Maxq(Method):
         """p at iteration t: the share of blocks kept dense."""
         return dense_share(t // self._epoch_length(), *self._window(), self.options.schedule)
 
-    # -- lifecycle ---------------------------------------------------------------------------------------
-    def prepare(self, t: int, ctx) -> None:
+    def _kept_per_block(self, p: float) -> int:
+        """The most entries a block keeps at share p (every block, for ``incremental="per_block"``)."""
+        if self.options.incremental == "per_block":
+            return self.m - math.floor((self.m - self.n) * (1.0 - p))
+        return self.m if p > 0.0 else self.n
+
+    def plan(self, t: int) -> Step:
         p = self.share(t)
-        for layer in ctx.layers:
-            self._set_mask(layer, p, ctx)
+        return Step("incremental" if p > 0.0 else "nm", keep=self._kept_per_block(p), select=True,
+                    record="every" if t > 0 else "none", grad="dense")
 
-    def refresh(self, ctx) -> None:
-        self.prepare(ctx.step, ctx)
+    # -- per layer -------------------------------------------------------------------------------------------
+    def select(self, t: int, layer, keep: int) -> torch.Tensor:
+        return incremental_mask(layer.blocks(layer.weight.detach()), self.n, self.share(t), self.options.incremental)
 
-    @torch.no_grad()
-    def _set_mask(self, layer, p: float, ctx) -> None:
-        o = self.options
+    def refresh(self, t: int, layer) -> None:
         weight = layer.weight.detach()
-        hard = layer.unblocks(incremental_mask(layer.blocks(weight), self.n, p, o.incremental))
-        layer.mask.copy_(hard)  # in place, no flip count: no host-device sync on every iteration
-        scale = hard * (1.0 + soft_scores(weight, self.n, self.m, o.tau))  # 0 or in [1, 3]
+        scale = layer.mask * (1.0 + soft_scores(weight, self.n, self.m, self.options.tau))  # 0 or in [1, 3]
         layer.par.set_scale(scale.to(weight.dtype))
 
-    @torch.no_grad()
-    def before_step(self, t: int, ctx) -> None:
-        for layer in ctx.layers:
-            grad = layer.weight.grad
-            if grad is not None:  # straight-through: the dense G, unmasked
-                add_sr_ste_decay(grad, layer, self.options.lambda_w)
+    def on_grad(self, t: int, layer, grad: torch.Tensor, ctx) -> None:
+        add_sr_ste_decay(grad, layer, self.options.lambda_w)  # straight-through: the dense G, plus the decay
 
-    # -- accounting --------------------------------------------------------------------------------------
     def charge(self, t: int, layer) -> Charge:
         p, r = self.share(t), self.r
         if self.options.incremental == "per_block":
-            kept = self.m - math.floor((self.m - self.n) * (1.0 - p))
-            d, fwd_hw = kept / self.m, (r if kept == self.n else 1.0)
+            kept = self._kept_per_block(p)
+            d, nm_blocks = kept / self.m, float(kept == self.n)
         else:
             n_dense = math.floor(p * layer.num_blocks)
             d = (n_dense + (layer.num_blocks - n_dense) * r) / layer.num_blocks  # p + (1 - p) r, per layer
-            fwd_hw = d
-        return Charge(d, d, 1.0, fwd_hw, 1.0, 1.0)
-
-    def phase_of(self, t: int) -> str:
-        return "incremental" if self.share(t) > 0.0 else "nm"
-
-    def mask_is_final(self, t: int) -> bool:
-        return self.share(t) == 0.0
-
-    def mask_may_change(self, t: int) -> bool:
-        return True
+            nm_blocks = (layer.num_blocks - n_dense) / layer.num_blocks
+        return Charge(fwd=d, dx=d, dw=1.0, nm=r, nm_blocks=nm_blocks)

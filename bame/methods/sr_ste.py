@@ -1,9 +1,8 @@
 """SR-STE (Zhou et al., "Learning N:M fine-grained structured sparse neural networks from scratch",
 ICLR 2021; code ``aojunzz/NM-sparsity``), METHODS section 1.
 
-* Forward mask: ``B = top-N |W|`` per block, recomputed before every forward (here: before the
-  forward of every iteration, and after a state load). Pruned weights are never zeroed: they keep
-  training and can come back by magnitude.
+* Forward mask: ``B = top-N |W|`` per block, re-chosen before every forward. Pruned weights are never
+  zeroed: they keep training and can come back by magnitude.
 * Weight gradient: straight-through and dense (the STE of BAME's Eq. 2), plus SR-STE's
   sparse-refined term::
 
@@ -13,7 +12,8 @@ ICLR 2021; code ``aojunzz/NM-sparsity``), METHODS section 1.
   script adds it on each of 8 ranks before an all-reduce *sum*, so its effective value is 8 x 2e-4;
   that is a known difference from the released runs, not something to copy (METHODS 0.4). The term
   goes to the gradient, not the loss, so momentum and weight decay act on it; with Adam it is rescaled.
-* Input gradient: ordinary autograd through ``W*B`` (its transpose is not N:M along the output axis).
+* Input gradient: ordinary autograd through ``W*B`` (its transpose is not N:M along the output axis);
+  the paper's tables charge it dense.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-from bame.methods import register
-from bame.methods.base import Charge, Method
 from bame import native
-from bame.nm import topn_mask
+from bame.contract import Method, Step
+from bame.methods import register
+from bame.options import Options, option
 
 
 @dataclass
-class SrSteOptions:
-    lambda_w: float = 2e-4  # SR-STE's decay (paper Sec. 4 and every released config)
+class SrSteOptions(Options):
+    lambda_w: float = option(2e-4, "SR-STE's decay lambda_w*(1-B)*W added to the gradient of pruned weights "
+                                   "(paper Sec. 4, every released config)", low=0.0)
 
 
 @torch.no_grad()
@@ -49,41 +50,19 @@ def add_sr_ste_decay(grad: torch.Tensor, layer, lambda_w: float) -> None:
     grad.addcmul_(weight, torch.sub(1.0, keep), value=lambda_w)
 
 
-def magnitude_mask(layer, n: int) -> torch.Tensor:
-    """``top-N |W|`` of every block of a layer, as a bool weight-shaped mask."""
-    return layer.unblocks(topn_mask(layer.blocks(layer.weight.detach()), n, magnitude=True))
-
-
 @register
 class SrSte(Method):
     name = "sr_ste"
+    order = 3
     description = "SR-STE: top-N |W| every iteration, dense straight-through gradient + sparse-refined decay"
     paper = "Zhou et al., ICLR 2021"
     Options = SrSteOptions
     backward_note = "dense dX (W*B, not N:M along outputs); dense STE dW + lambda_w*(1-B)*W"
+    dx_charge = "dense"
 
-    def prepare(self, t: int, ctx) -> None:
-        self.refresh(ctx)
+    def plan(self, t: int) -> Step:
+        # t = 0 prunes the attached all-ones mask; from then on every re-selection's flips are counted
+        return Step("sparse", keep=self.n, select=True, record="every" if t > 0 else "none", grad="dense")
 
-    @torch.no_grad()
-    def refresh(self, ctx) -> None:
-        for layer in ctx.layers:
-            # In place, without set_mask's flip count: no host-device sync on every iteration.
-            layer.mask.copy_(magnitude_mask(layer, self.n))
-
-    @torch.no_grad()
-    def before_step(self, t: int, ctx) -> None:
-        for layer in ctx.layers:
-            grad = layer.weight.grad
-            if grad is not None:  # straight-through: grad is the dense G; it stays unmasked
-                add_sr_ste_decay(grad, layer, self.options.lambda_w)
-
-    def charge(self, t: int, layer) -> Charge:
-        r = self.r
-        return Charge(r, 1.0, 1.0, r, 1.0, 1.0)
-
-    def mask_is_final(self, t: int) -> bool:
-        return True  # N per block from the first forward on (only *which* N changes)
-
-    def mask_may_change(self, t: int) -> bool:
-        return True
+    def on_grad(self, t: int, layer, grad: torch.Tensor, ctx) -> None:
+        add_sr_ste_decay(grad, layer, self.options.lambda_w)

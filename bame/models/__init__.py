@@ -6,8 +6,11 @@ Each architecture is a factory function registered under a short name::
     def resnet20(*, num_classes: int, in_channels: int, image_size: int, width: float,
                  shortcut: str = "A") -> nn.Module: ...
 
-so adding a model is that one function. :func:`create` checks the common arguments, rejects options the
-factory does not take, builds the model and stamps ``bame_input_shape`` on it. Every model also carries
+so adding a model is that one function, in a module of this package (the registry finds every module;
+the imports at the end of this file only fix the listing order of the built-in ones). :func:`create`
+checks the common arguments, rejects options the factory does not take (model options reach it from the
+config's ``model_options``, ``--model-option KEY=VALUE`` and recipes), builds the model and stamps
+``bame_input_shape`` on it. Every model also carries
 ``bame_dense_layers``: the names (as in ``named_modules()``) of the layers the paper's policy keeps dense.
 
 Importing this package imports only torch: torchvision and timm are imported by the factories that need
@@ -18,15 +21,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import nn
 
 from bame.errors import ConfigError
 from bame.models._common import check_int, check_positive
+from bame.registry import Registry
 
-__all__ = ["available", "create", "register"]
+__all__ = ["REGISTRY", "available", "create", "register"]
 
 Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
 
@@ -34,14 +37,8 @@ Factory = TypeVar("Factory", bound=Callable[..., nn.Module])
 _COMMON = ("num_classes", "in_channels", "image_size", "width")
 
 
-@dataclass(frozen=True)
-class _Entry:
-    description: str
-    factory: Callable[..., nn.Module]
-
-
-# Insertion-ordered, so available() lists models in the order the modules below register them.
-_REGISTRY: dict[str, _Entry] = {}
+REGISTRY: Registry[Callable[..., nn.Module]] = Registry(
+    "model", __name__, unknown="unknown {kind} {name!r}; available models: {names}")
 
 
 def register(name: str, description: str) -> Callable[[Factory], Factory]:
@@ -62,17 +59,14 @@ def register(name: str, description: str) -> Callable[[Factory], Factory]:
     """
 
     def decorator(factory: Factory) -> Factory:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = _Entry(description, factory)
-        return factory
+        return REGISTRY.register(name, factory, description)
 
     return decorator
 
 
 def available() -> dict[str, str]:
     """Return the registered models as ``{name: one-line description}``, in registration order."""
-    return {name: entry.description for name, entry in _REGISTRY.items()}
+    return REGISTRY.available()
 
 
 def create(
@@ -103,15 +97,13 @@ def create(
     Raises:
         ConfigError: For an unknown name, an unknown option or an invalid value.
     """
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        raise ConfigError(f"unknown model {name!r}; available models: {', '.join(_REGISTRY)}")
+    factory = REGISTRY.get(name)
     check_int("num_classes", num_classes)
     check_int("in_channels", in_channels)
     check_int("image_size", image_size)
     width = check_positive("width", width)
-    _check_options(name, entry.factory, kwargs)
-    model = entry.factory(
+    _check_options(name, factory, kwargs)
+    model = factory(
         num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width, **kwargs
     )
     if not isinstance(getattr(model, "bame_dense_layers", None), tuple):
@@ -132,6 +124,6 @@ def _check_options(name: str, factory: Callable[..., nn.Module], options: dict[s
         raise ConfigError(f"model {name!r} has no option {unknown[0]!r}; its options: {valid}")
 
 
-# Importing the architecture modules runs their @register decorators; the order here is the order of
-# available(). They must come after register() is defined, since they import it from this package.
+# The built-in architectures in their listing order (available() lists in registration order; the registry
+# imports any other module of this package on first use). After register(): they import it from here.
 from bame.models import cifar_resnet, mobilenetv2, small, vit, imagenet  # noqa: E402, F401, I001
