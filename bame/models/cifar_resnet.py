@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bame.errors import ConfigError
-from bame.models import register
 from bame.models._common import init_conv_bn, scaled
+from bame.models.registry import register
 
 SHORTCUTS = ("A", "B")
 

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from bame.errors import ConfigError
-from bame.models import register
+from bame.models.registry import register
 
 
 def _require(module: str, model: str) -> ModuleType:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bame.models import register
 from bame.models._common import init_conv_bn, make_divisible
+from bame.models.registry import register
 
 # (expansion t, output channels c, repeats n, stride s) of the paper's table 2, with the second stage's
 # stride set to 1 for 32x32 inputs.

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bame.errors import ConfigError
-from bame.models import register
 from bame.models._common import check_int, check_positive, init_conv_bn, make_divisible, scaled
+from bame.models.registry import register
 
 
 class SmallCNN(nn.Module):

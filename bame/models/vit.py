@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bame.errors import ConfigError
-from bame.models import register
 from bame.models._common import check_int, check_positive, scaled
+from bame.models.registry import register
 
 
 class PatchEmbed(nn.Module):
