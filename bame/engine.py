@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from bame import checkpoint, config, data, distributed, flops, methods, models
 from bame.errors import BameError, CheckpointError, ConfigError, TrainingError
-from bame.factory import sparsify
+from bame.factory import create_method, sparsify
 from bame.schedules import cosine_lr, schedule_lengths
 from bame.sparsifier import Sparsifier
 
@@ -98,9 +98,21 @@ def attach(cfg: config.TrainConfig, model: nn.Module, optimizer: torch.optim.Opt
                     **cfg.method_options)
 
 
+def check_schedule(cfg: config.TrainConfig) -> None:
+    """Build the method for the run's length without data, where the data set's size is known, so that an
+    option that does not fit the run (``t_f`` before ``t_i`` once resolved, ASP's prune after the end) fails
+    before any data is read."""
+    spec = data.get_spec(cfg.dataset)
+    if spec.train_size is not None and spec.train_size >= cfg.batch_size:
+        spe = spec.train_size // cfg.batch_size
+        create_method(cfg.method, cfg.nm, run_lengths(cfg, spe)[0], seed=cfg.seed, steps_per_epoch=spe,
+                      **cfg.method_options)
+
+
 def build(cfg: config.TrainConfig, out: Path, info: distributed.DistInfo) -> Run:
     """Data, model, optimizer, sparsifier and ledger for a config (fresh state)."""
     spec = data.get_spec(cfg.dataset)
+    check_schedule(cfg)
     loader_args = dict(batch_size=cfg.batch_size, data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed,
                        rank=info.rank, world_size=info.world_size, workers=cfg.workers, device=info.device)
     train_loader = data.build_loader(cfg.dataset, "train", **loader_args)

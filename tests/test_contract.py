@@ -242,3 +242,14 @@ def test_model_options_reach_the_model_from_config_cli_and_recipes(tmp_path):
     assert resolve(args).model_options == {"shortcut": "B"}
     with pytest.raises(ConfigError, match="has no option 'depth'"):
         create_model(config.build(base, {"model_options": {"depth": 3}}))
+
+
+def test_an_option_that_does_not_fit_the_run_fails_before_the_data_is_read(tmp_path):
+    # t_i = 500 iterations after t_f = 0.5 of a 2-epoch fashion-mnist run (2 x 234 steps): only T tells
+    cfg = config.build({"dataset": "fashion-mnist", "data_dir": str(tmp_path / "nothing-here"), "epochs": 2,
+                        "method": "bame", "method_options": {"t_i": 500, "t_f": 0.5}})
+    from bame.engine import fit
+
+    with pytest.raises(ConfigError, match="t_f=234 must not come before t_i=500"):
+        fit(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
