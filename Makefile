@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip $(QUIET)
 	$(BIN)/pip install -q $(TORCH) $(QUIET)
-	$(BIN)/pip install -q -e '.[vision,tensorboard,test]' $(QUIET)
+	$(BIN)/pip install -q -e '.[vision,tensorboard,test,lightning,hf,onnx]' $(TORCH) $(QUIET)
 	touch $@
 
 demo: setup

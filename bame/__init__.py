@@ -7,10 +7,10 @@ See :func:`bame.sparsify` and ``bame.methods.available()``.
 """
 
 from bame.errors import BameError
-from bame.export import load_compressed
+from bame.export import export, load_compressed
 from bame.factory import sparsify
 from bame.sparsifier import SparseLayer, Sparsifier
 
 __version__ = "0.1.0"
 
-__all__ = ["BameError", "load_compressed", "SparseLayer", "Sparsifier", "__version__", "sparsify"]
+__all__ = ["BameError", "export", "load_compressed", "SparseLayer", "Sparsifier", "__version__", "sparsify"]

@@ -48,8 +48,14 @@ def save(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: str | Path, map_location: str | torch.device = "cpu", bame_format: bool = True) -> Any:
     """Load a checkpoint without executing any code from it.
+
+    Args:
+        path: the file ``torch.save`` wrote.
+        map_location: where tensors go.
+        bame_format: require a bame checkpoint (a dict with a ``format``); False accepts any
+            ``torch.save`` file of tensors and plain values (a checkpoint written from one's own loop).
 
     Raises:
         CheckpointError: missing, truncated, corrupt, or holding anything but tensors and plain values.
@@ -67,7 +73,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
         reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {reason}") from None
-    if not isinstance(state, dict) or "format" not in state:
+    if bame_format and (not isinstance(state, dict) or "format" not in state):
         raise CheckpointError(f"checkpoint {path} is not a bame checkpoint")
     return state
 

@@ -280,7 +280,24 @@ class Sparsifier:
             layer.par.set_bwd_mask(backward_mask(layer.weight, layer.mask, self.n, self.m, perm))
         self.method.refresh(t, layer)
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple | None:
+        """The step pre-hook. A step given a closure (Lightning's automatic optimization) has no gradient yet:
+        the closure runs here first, once, and the optimizer gets one that returns its loss."""
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0] is the optimizer
+        if closure is None:
+            self._on_gradients()
+            return None
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ConfigError("bame needs an optimizer that evaluates its closure once per step, not LBFGS")
+        with torch.enable_grad():
+            loss = closure()
+        self._on_gradients()
+        done = lambda: loss  # noqa: E731
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": done}
+        return (args[0], done, *args[2:]), kwargs
+
+    def _on_gradients(self) -> None:
         """The gradients of iteration t are final (accumulated, all-reduced, unscaled): evolve, then the
         method's gradient term, then the gradient mode."""
         t = self.step_count

@@ -253,3 +253,38 @@ def test_an_option_that_does_not_fit_the_run_fails_before_the_data_is_read(tmp_p
     with pytest.raises(ConfigError, match="t_f=234 must not come before t_i=500"):
         fit(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_step_with_a_closure_masks_the_closures_gradient():
+    """``optimizer.step(closure)`` (Lightning's automatic optimization): the gradient exists only once the
+    closure ran; the pre-hook runs it first, once, and the result equals a step without closure."""
+    results = []
+    for with_closure in (False, True):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sp = bame.sparsify(model, opt, "bame", "1:4", total_steps=12, t_i=0, delta_t=3, verbose=False)
+        calls = []
+        g = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+
+            def closure():
+                calls.append(1)
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            if with_closure:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+        assert len(calls) == 6  # evaluated once per step
+        results.append([p.detach().clone() for p in model.parameters()] + list(sp.masks().values()))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    model = mlp()
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    bame.sparsify(model, lbfgs, "static", "1:4", verbose=False)
+    with pytest.raises(ConfigError, match="not LBFGS"):
+        lbfgs.step(lambda: F.cross_entropy(model(torch.randn(2, 16)), torch.tensor([0, 1])))
