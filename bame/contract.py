@@ -116,6 +116,9 @@ class Method:
     charges_follow_masks: ClassVar[bool] = False
     #: Masks evolve from the gradient on some iterations (the sparsifier keeps per-block flip counts).
     evolves: ClassVar[bool] = False
+    #: Why the method needs the dense weight or a dense gradient on every iteration, so that it cannot be
+    #: stored compressed (empty: from the first iteration whose plan keeps N with pruned weights zero, it can).
+    dense_every_step: ClassVar[str] = ""
 
     def __init__(self, options: Any, *, n: int, m: int, total_steps: int | None, seed: int,
                  steps_per_epoch: int | None = None) -> None:

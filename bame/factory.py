@@ -21,6 +21,7 @@ from bame.policy import LayerFilter
 from bame.sparsifier import Sparsifier
 
 KERNELS = ("dense", "sparse")
+STORAGES = ("dense", "compressed")
 
 
 def sparsify(
@@ -36,7 +37,8 @@ def sparsify(
     layer_filter: LayerFilter | None = None,
     seed: int = 0,
     steps_per_epoch: int | None = None,
-    kernel: str = "dense",
+    kernel: str | None = None,
+    storage: str = "dense",
     verbose: bool = True,
     **options: Any,
 ) -> Sparsifier:
@@ -56,7 +58,12 @@ def sparsify(
         seed: seed of the method's random choices (identical on every rank).
         steps_per_epoch: optimizer steps per epoch, for methods with epoch-granular schedules (LBC, MaxQ).
         kernel: ``"dense"`` (masked dense products) or ``"sparse"``: Linear layers and 1x1 convs run the
-            N:M kernels of :mod:`bame.kernels` where a measured plan beats dense (same numbers).
+            N:M kernels of :mod:`bame.kernels` where a measured plan beats dense (same numbers). Default:
+            ``"dense"`` with dense storage, ``"sparse"`` with compressed storage.
+        storage: ``"dense"`` (every weight kept, pruned ones at zero) or ``"compressed"``: from the iteration
+            the method's plan allows it on (BAME's t_i, static's first, ASP's prune), each sparse layer keeps
+            only its kept values and their positions, and the optimizer updates only those
+            (:mod:`bame.compressed`). Methods that need the dense weight every step refuse it.
         verbose: log one line per layer left dense.
         **options: the method's own options (e.g. ``delta_t``, ``alpha``, ``t_i`` for BAME).
 
@@ -66,10 +73,13 @@ def sparsify(
     instance = create_method(method, nm, total_steps, seed=seed, steps_per_epoch=steps_per_epoch, **options)
     if group_axis not in GROUP_AXES:
         raise ConfigError(f"unknown group_axis {group_axis!r}: choose one of {', '.join(GROUP_AXES)}")
+    if storage not in STORAGES:
+        raise ConfigError(f"storage must be 'dense' or 'compressed', not {storage!r}")
+    kernel = kernel or ("sparse" if storage == "compressed" else "dense")
     if kernel not in KERNELS:
         raise ConfigError(f"kernel must be 'dense' or 'sparse', not {kernel!r}")
     sparsifier = Sparsifier(model, optimizer, instance, group_axis=group_axis, include=include, exclude=exclude,
-                            layer_filter=layer_filter, verbose=verbose)
+                            layer_filter=layer_filter, storage=storage, kernel=kernel, verbose=verbose)
     if kernel == "sparse":
         enable_sparse_kernels(sparsifier)
     return sparsifier

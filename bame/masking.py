@@ -132,13 +132,18 @@ class NMMask(nn.Module):
 
 
 def _sparse_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Forward of a swapped sparse module: a custom product where one is attached, else the module's."""
+    """Forward of a swapped sparse module: a custom product where one is attached, else the default."""
     par = self.parametrizations.weight[0]
     if par.forward_impl is not None:
         return par.forward_impl(self, x)
-    if par.bwd_mask is not None:
-        return bidirectional_forward(self, x)
-    return self._bame_base.forward(self, x)
+    return default_forward(self, x)
+
+
+def default_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The masked products: through the backward mask where there is one, else the module's own forward."""
+    if parametrization(module).bwd_mask is not None:
+        return bidirectional_forward(module, x)
+    return module._bame_base.forward(module, x)
 
 
 _SWAPPED: dict[type, type] = {}

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bame import masking
+from bame import compressed, masking
 from bame.contract import Method, Step
 from bame.errors import CheckpointError, ConfigError
 from bame.flops import Charge
@@ -92,7 +92,30 @@ class SparseLayer:
     @property
     def has_bwd_mask(self) -> bool:
         """Whether the input gradient runs through a backward mask (N:M along the outputs)."""
-        return self.par.bwd_mask is not None
+        return self.par.bwd_mask is not None or getattr(self.par, "bwd_keep", None) is not None
+
+    @property
+    def compressed(self) -> compressed.CompressedNM | None:
+        """The compressed structure once the layer is stored compressed, else None."""
+        return self.par if isinstance(self.par, compressed.CompressedNM) else None
+
+    def weight_blocks(self) -> torch.Tensor:
+        """The weight W as ``(K, M)`` blocks (a scatter of the values when stored compressed)."""
+        storage = self.compressed
+        weight = self.weight.detach()
+        return self.blocks(weight if storage is None else storage.dense(weight))
+
+    @torch.no_grad()
+    def compress(self, optimizer: torch.optim.Optimizer | None, indices: torch.Tensor | None = None,
+                 plan_kernels: bool = False) -> None:
+        """Switch to compressed storage (pruned weights must be zero); the layer's state moves along."""
+        states = {name: self.state(name) for name in self.state_names}
+        backward = self.has_bwd_mask
+        self.par = compressed.compress(self.module, self.mask, self.n, self.m, optimizer, indices, plan_kernels)
+        for name, tensor in states.items():
+            self.par.register_buffer(name, tensor, persistent=False)
+        if backward:  # BAME-dagger: the backward mask becomes a subset of the slots
+            self.par.bwd_keep = torch.zeros(self.par.indices.shape, dtype=torch.bool, device=self.mask.device)
 
     def blocks(self, tensor: torch.Tensor) -> torch.Tensor:
         """A weight-shaped tensor as its ``(K, M)`` block view."""
@@ -129,7 +152,8 @@ class SparseLayer:
     # -- operations ----------------------------------------------------------------------------------
     @torch.no_grad()
     def mask_grad(self) -> None:
-        """Sparse weight gradient: ``grad *= B`` (skipped when the sparse kernels produced it masked)."""
+        """Sparse weight gradient: ``grad *= B`` (skipped when the sparse kernels produced it masked, and when
+        stored compressed: the values' gradient has no pruned entries)."""
         grad = self.weight.grad
         if grad is not None and not self.par.grad_is_masked(grad):
             grad.mul_(self.par.mask_as(grad))
@@ -138,7 +162,7 @@ class SparseLayer:
     def apply_mask(self, optimizer_keeps_zeros: bool = False) -> None:
         """Set pruned weights to exactly zero; a no-op skipped when they are zero already and the optimizer
         keeps zero entries at zero (their gradient and state are zero there)."""
-        if self.par.weights_pruned and optimizer_keeps_zeros:
+        if self.compressed is not None or (self.par.weights_pruned and optimizer_keeps_zeros):
             return
         self.weight.mul_(self.par.mask_as(self.weight))
 
@@ -159,10 +183,14 @@ class Sparsifier:
         include: Iterable[str] = (),
         exclude: Iterable[str] = (),
         layer_filter: LayerFilter | None = None,
+        storage: str = "dense",
+        kernel: str = "dense",
         verbose: bool = True,
     ) -> None:
         self.model = model
         self.method = method
+        self.storage = storage  # "dense", or "compressed" from the iteration the plan allows it on
+        self.kernel = kernel  # "sparse": measured per-layer plans of sparse products (bame.kernels)
         self.n, self.m = method.n, method.m
         self.group_axis = group_axis
         self.step_count = 0  # iterations done: the index of the next one
@@ -170,6 +198,7 @@ class Sparsifier:
         self.dense_layers: dict[str, str] = {}  # weight name -> why it stays dense
         self.events: list[dict[str, Any]] = []  # per-update, per-layer statistics (drained by the engine)
         self.step_callbacks: list[Callable[[int], None]] = []  # called with t after each step
+        self.switch_callbacks: list[Callable[[], None]] = []  # called once the layers are stored compressed
         self.record_every = math.ceil(method.total_steps / EVENTS_PER_RUN) if method.total_steps else 100
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_keeps_zeros = False
@@ -177,6 +206,8 @@ class Sparsifier:
         self._squashed = False
         self._plan_cache: tuple[int, Step] | None = None
         self._select(include, exclude, layer_filter)
+        if storage == "compressed":
+            self._check_compressible()
         if optimizer is not None:
             self.bind(optimizer)
         for layer in self.layers:
@@ -208,6 +239,46 @@ class Sparsifier:
                 f"(group_axis={self.group_axis}): " + "; ".join(f"{k}: {v}" for k, v in self.dense_layers.items())
             )
 
+    def _check_compressible(self) -> None:
+        """Refuse compressed storage, in one line, for a method or a layer that cannot have it."""
+        reason = self.method.dense_every_step
+        if reason:
+            raise ConfigError(f"method {self.method.name!r} cannot train with storage='compressed': it {reason}")
+        for layer in self.layers:
+            problem = compressed.storage_problem(layer.module, self.group_axis)
+            if problem is not None:
+                raise ConfigError(f"storage='compressed' for {layer.name}: {problem}")
+
+    @property
+    def switched(self) -> bool:
+        """Whether the layers are stored compressed now."""
+        return bool(self.layers) and self.layers[0].compressed is not None
+
+    def _switch(self) -> None:
+        """Store every sparse layer compressed (their pruned weights are zero now, the masks final)."""
+        for layer in self.layers:
+            layer.compress(self.optimizer, plan_kernels=self.kernel == "sparse")
+        self._parameters_changed()
+        for callback in self.switch_callbacks:
+            callback()
+
+    def _index_groups(self) -> None:
+        """Which param group holds each sparse weight, by group *index* (``optimizer.load_state_dict``
+        replaces the group dicts, so they are looked up when needed)."""
+        self._group_of: dict[int, int] = {}
+        for index, group in enumerate(self.optimizer.param_groups):
+            for p in group["params"]:
+                self._group_of[id(p)] = index
+        for layer in self.layers:
+            if id(layer.weight) not in self._group_of:
+                raise ConfigError(f"the optimizer does not update {layer.name}: pass the model's parameters to it")
+
+    def _parameters_changed(self) -> None:
+        """The sparse layers' parameters were replaced (compressed storage): re-read the optimizer's groups."""
+        self._ddp_ignore_buffers()
+        if self.optimizer is not None:
+            self._index_groups()
+
     def _init_layer(self, layer: SparseLayer) -> None:
         """Backward mask (where the method wants one and the layer allows it) and per-layer state."""
         if self.method.backward_masks:
@@ -235,14 +306,7 @@ class Sparsifier:
             handle.remove()
         self.optimizer = optimizer
         self.optimizer_keeps_zeros = type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
-        # Group *indices*: optimizer.load_state_dict replaces the group dicts, so look them up when needed.
-        self._group_of: dict[int, int] = {}
-        for index, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                self._group_of[id(p)] = index
-        for layer in self.layers:
-            if id(layer.weight) not in self._group_of:
-                raise ConfigError(f"the optimizer does not update {layer.name}: pass the model's parameters to it")
+        self._index_groups()
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
@@ -269,11 +333,22 @@ class Sparsifier:
                 flips = self.commit(layer, self.method.select(t, layer, step.keep), step.zero,
                                     count=step.record != "none")
                 self._record(t, layer, step.record, flips)
+        if self.storage == "compressed" and not self.switched and step.zeroed and step.keep == self.n:
+            self._switch()
+        for layer in self.layers:
             self._refresh(t, layer, step)
         if step.select and step.record == "every":
             self._flush_window(t)
 
     def _refresh(self, t: int, layer: SparseLayer, step: Step) -> None:
+        storage = layer.compressed
+        if storage is not None:
+            storage.want_dense_grad = step.dense_wgrad
+            if storage.bwd_keep is not None:  # BAME-dagger's backward mask, at the slots
+                dense = storage.dense(layer.weight.detach())
+                storage.bwd_keep.copy_(storage.gather(backward_mask(dense, layer.mask, self.n, self.m)))
+            self.method.refresh(t, layer)
+            return
         layer.par.weights_pruned = step.zeroed
         if layer.has_bwd_mask:
             perm = self.method.backward_perm(layer)
@@ -325,14 +400,26 @@ class Sparsifier:
 
     @torch.no_grad()
     def evolve(self, t: int, layer: SparseLayer, grad: torch.Tensor) -> None:
-        """One evolution update of one layer from the dense gradient (LMA + OBF for BAME)."""
-        w, g, old = layer.blocks(layer.weight.detach()), layer.blocks(grad), layer.blocks(layer.mask)  # (K, M)
+        """One evolution update of one layer from the dense gradient (LMA + OBF for BAME).
+
+        Stored compressed, the dense gradient is the one the iteration's dense weight-gradient product handed
+        to the storage; after the update the values' gradient is gathered from it at the new slots.
+        """
+        storage = layer.compressed
+        if storage is not None:
+            grad = compressed.dense_gradient(storage, layer.weight)
+            if grad is None:
+                return
+        w, g, old = layer.weight_blocks(), layer.blocks(grad), layer.blocks(layer.mask)  # (K, M)
         proposal = self.method.propose(t, layer, w, g, old, self.lr_of(layer.weight))
         new, frozen_fraction = self.method.restrict(t, layer, old, proposal, w)
         per_block = block_flips(old, new)  # (K,) int32
         layer.state("sad").add_(per_block)
         layer.frozen_fraction = frozen_fraction
         layer.count(self.commit(layer, new, "changed", count=True))
+        if storage is not None:
+            layer.weight.grad = storage.gather(grad).to(layer.weight.dtype)
+            storage.dense_grad = None
         stats = layer.stats
         self.events.append({
             "step": t, "layer": layer.name, "updates": stats["updates"], "last_flips": stats["last_flips"],
@@ -357,6 +444,13 @@ class Sparsifier:
         Returns:
             The changed entries as a 0-d int64 tensor on the mask's device (reading it syncs), or None.
         """
+        storage = layer.compressed
+        if storage is not None:  # slot-stable: rewritten slots start at zero with zeroed optimizer state
+            if zero != "changed":
+                raise ValueError("a layer stored compressed changes its mask only with zero='changed'")
+            blocks = new_mask if new_mask.shape != layer.shape else layer.blocks(new_mask)
+            flips = compressed.update_slots(storage, layer.weight, blocks, self.optimizer)
+            return flips if count else None
         if new_mask.shape != layer.shape:
             new_mask = layer.unblocks(new_mask)
         new_mask = new_mask.bool()
@@ -448,13 +542,15 @@ class Sparsifier:
                 rows.append({"name": name, "shape": list(module.weight.shape), "sparse": False,
                              "density": 1.0, "reason": self.dense_layers[name]})
                 continue
-            stats = layer.stats
+            stats, storage = layer.stats, layer.compressed
+            kernel = storage.note() if storage is not None else layer.kernel_note
             rows.append({
                 "name": name, "shape": list(layer.shape), "sparse": True, "nm": format_nm(self.n, self.m),
                 "group_axis": self.group_axis, "density": round(layer.density(), 6),
                 "frozen_fraction": stats["frozen_fraction"], "last_flips": stats["last_flips"],
                 "total_flips": stats["total_flips"], "updates": stats["updates"],
-                "backward_mask": layer.has_bwd_mask, "note": layer.bwd_note, "kernel": layer.kernel_note,
+                "backward_mask": layer.has_bwd_mask, "note": layer.bwd_note, "kernel": kernel,
+                "storage": "compressed" if layer.compressed is not None else "dense",
             })
         return rows
 
@@ -478,22 +574,33 @@ class Sparsifier:
         for layer in self.layers:
             stats = {**layer.stats, "window": layer.window, "window_flips": int(layer._flips[2])}
             entry = {"mask": layer.mask.detach().cpu().clone(), "stats": stats}
+            if layer.compressed is not None:  # the slot order, for a bit-exact resume of the optimizer state
+                entry["indices"] = layer.compressed.indices.detach().cpu().clone()
             for name in layer.state_names:
                 entry[name] = layer.state(name).detach().cpu().clone()
             layers[layer.name] = entry
         return {
             "version": _STATE_VERSION, "method": self.method.name, "nm": format_nm(self.n, self.m),
             "group_axis": self.group_axis, "step": self.step_count, "layers": layers,
-            "method_state": self.method.state_dict(),
+            "method_state": self.method.state_dict(), "storage": self.storage, "switched": self.switched,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; refuses one from another method, N:M or model."""
         self._check_compatible(state)
+        switched = bool(state.get("switched"))
+        if self.switched and not switched:
+            raise CheckpointError("the sparsifier state was saved before its layers were stored compressed, and "
+                                  "these are compressed from the start: it is not from this run")
         for layer in self.layers:
             entry = state["layers"][layer.name]
-            layer.mask.copy_(entry["mask"].to(layer.mask.device))
+            storage = layer.compressed
+            if storage is not None:  # compressed from the start (static, t_i = 0): the saved slots
+                storage.indices.copy_(entry["indices"].to(storage.indices.device))
+                storage.load_pending(layer.weight)
+            else:
+                layer.mask.copy_(entry["mask"].to(layer.mask.device))
             for name in layer.state_names:
                 if name not in entry:
                     raise CheckpointError(f"sparsifier state has no {name!r} for {layer.name}")
@@ -506,12 +613,19 @@ class Sparsifier:
                                              stats.get("window_flips", 0)]))
         self.step_count = int(state["step"])
         self.method.load_state_dict(state.get("method_state", {}))
+        if switched and not self.switched:  # the model's weights are dense: gather them into the saved slots
+            for layer in self.layers:
+                layer.compress(self.optimizer, state["layers"][layer.name]["indices"].to(layer.mask.device),
+                               plan_kernels=self.kernel == "sparse")
+            self._parameters_changed()
         step = self.plan(self.step_count)
         for layer in self.layers:
             self._refresh(self.step_count, layer, step)
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
-        mine = {"method": self.method.name, "nm": format_nm(self.n, self.m), "group_axis": self.group_axis}
+        mine = {"method": self.method.name, "nm": format_nm(self.n, self.m), "group_axis": self.group_axis,
+                "storage": self.storage}
+        state = {"storage": "dense", **state}  # states written before compressed storage existed are dense
         for key, value in mine.items():
             if state.get(key) != value:
                 raise CheckpointError(f"sparsifier state is for {key}={state.get(key)!r}, this run has {value!r}")
@@ -544,6 +658,10 @@ class Sparsifier:
             return self.model
         self.remove_hooks()
         for layer in self.layers:
+            if layer.compressed is not None:  # back to a dense weight (and dense optimizer state) first
+                mask = compressed.decompress(layer.module, self.optimizer)
+                layer.par = masking.NMMask(mask.to(layer.weight.device))
+                layer.module.parametrizations.weight[0] = layer.par
             masking.detach(layer.module, bake=True)
         self._squashed = True
         return self.model

@@ -214,7 +214,7 @@ def floor_of(module: str, table: dict[str, int]) -> int:
 
 def test_every_import_goes_down_the_floors_of_the_doc():
     table = floors()
-    assert table["bame.errors"] == 0 and table["bame.cli"] == 7
+    assert table["bame.errors"] == 0 and table["bame.cli"] == 8
     violations = []
     for name, path in MODULES.items():
         for target in import_edges(name, path):

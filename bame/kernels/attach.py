@@ -21,6 +21,7 @@ from torch import nn
 from bame.kernels.linear import NMLinearFunction
 from bame.kernels.packed import pack
 from bame.kernels.plan import Plan, choose_plan
+from bame.masking import default_forward
 
 if TYPE_CHECKING:
     from bame.sparsifier import SparseLayer, Sparsifier
@@ -66,7 +67,7 @@ class _LayerKernel:
         sink = self.layer.par.kernel_grad_sink()  # only this forward's backward may vouch for the gradient
         is_conv = isinstance(module, nn.Conv2d)
         if not self.sparsifier.method.mask_is_final(t) or self.layer.group_axis != "cin" or not self._repack():
-            return module._bame_base.forward(module, x)
+            return default_forward(module, x)
         tokens = x.permute(0, 2, 3, 1) if is_conv else x  # (..., in)
         if self.plan is None:
             out, in_ = self.layer.shape[0], self.layer.shape[1]
@@ -74,7 +75,7 @@ class _LayerKernel:
                                     tokens.device, repeats=self.repeats)
             self.layer.kernel_note = self.plan.reason
         if self.plan.is_dense:
-            return module._bame_base.forward(module, x)
+            return default_forward(module, x)
         dense_wgrad = self.sparsifier.plan(t).dense_wgrad  # the method needs the dense G this step
         weight = module.weight.reshape(self.layer.shape[0], -1)  # effective W*B (or soft values), STE grad
         y = NMLinearFunction.apply(tokens, weight, self.packed, self.packed_bwd, module.bias, self.plan,
@@ -86,6 +87,8 @@ def enable_sparse_kernels(sparsifier: Sparsifier, repeats: int = 5) -> dict[str,
     """Attach the sparse kernels to every eligible sparse layer; returns ``{layer: note}``."""
     notes = {}
     for layer in sparsifier.layers:
+        if layer.compressed is not None:  # its storage plans its own products (bame.compressed)
+            continue
         problem = kernel_problem(layer.module)
         if problem is None and layer.group_axis != "cin":
             problem = "sparse kernels need group_axis='cin'"

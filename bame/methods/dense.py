@@ -14,6 +14,7 @@ class Dense(Method):
     paper = "-"
     uses_masks = False
     backward_note = "dense dX and dW"
+    dense_every_step = "has no masks"
 
     def plan(self, t: int) -> Step:
         return Step("dense", keep=self.m, grad="dense")

@@ -118,6 +118,7 @@ class Lbc(Method):
     paper = "Zhang et al., NeurIPS 2022"
     Options = LbcOptions
     backward_note = "dX through W*mask(t), dW masked: both at the covered fraction d(t)"
+    dense_every_step = "learns its candidate scores from the dense gradient of every iteration"
     charges_follow_masks = True
 
     def __init__(self, options, **kwargs) -> None:

@@ -151,6 +151,7 @@ class Maxq(Method):
     paper = "Xiang et al., CVPR 2024"
     Options = MaxqOptions
     backward_note = "dX through W*mask(t) (soft); dense STE dW + lambda*(1-B)*W"
+    dense_every_step = "scales every weight by its soft scores and steps with the dense gradient every iteration"
 
     def __init__(self, options, **kwargs) -> None:
         super().__init__(options, **kwargs)

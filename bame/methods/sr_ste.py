@@ -58,6 +58,7 @@ class SrSte(Method):
     paper = "Zhou et al., ICLR 2021"
     Options = SrSteOptions
     backward_note = "dense dX (W*B, not N:M along outputs); dense STE dW + lambda_w*(1-B)*W"
+    dense_every_step = "re-chooses its masks from the dense weight and steps with the dense gradient every iteration"
     dx_charge = "dense"
 
     def plan(self, t: int) -> Step:

@@ -1,0 +1,317 @@
+"""Compressed N:M storage: a sparse layer keeps only its kept values and their in-block positions.
+
+``bame.sparsify(..., storage="compressed")``. From the iteration on which a method's pruned weights are
+exactly zero and its masks only change at known iterations (BAME, LMA, BAME-dagger and RigL-NM from t_i;
+static from the start; ASP from its prune), every sparse layer is *switched* (:func:`compress`):
+
+* its weight parameter is replaced, in the module and in the optimizer's parameter group, by a parameter
+  holding the kept values ``(K, N)`` (K blocks of M along the input channels, N kept each), and a buffer
+  holds their in-block positions (uint8 ``(K, N)``);
+* the optimizer's state of that parameter (SGD's momentum, Adam's moments) is gathered into the slots,
+  so the optimizer updates ``K * N`` values instead of ``K * M`` weights;
+* the layer's products run on the values (:mod:`bame.kernels.compressed`): the weight gradient is
+  computed at the kept slots only.
+
+A mask update is slot-stable (:func:`update_slots`): a block that drops position p and grows q writes q
+into p's slot and zeroes the slot's value and every optimizer-state entry, so no shape ever changes and the
+optimizer, DDP and checkpoints stay valid. The dense gradient LMA scores on an update iteration comes from
+one dense weight-gradient product of that iteration (``want_dense_grad``), handed to the storage.
+
+``module.weight`` stays the dense weight when read (a scatter of the values); ``model.state_dict()`` holds
+the dense weight under its usual key, and loading a dense weight into a compressed layer gathers it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bame.kernels.compressed import compressed_conv, compressed_linear
+from bame.kernels.packed import Packed, index_dtype
+from bame.kernels.plan import choose_plan
+from bame.nm import from_blocks, kept_indices, sorted_blocks, to_blocks
+
+__all__ = ["CompressedNM", "compress", "decompress", "storage_problem", "update_slots"]
+
+
+def storage_problem(module: nn.Module, group_axis: str) -> str | None:
+    """Why a sparse layer cannot be stored compressed, or None."""
+    if group_axis != "cin":
+        return "compressed storage needs group_axis='cin' (N:M along the input channels)"
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"a grouped convolution (groups={module.groups}) has no compressed product"
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return "compressed convolutions need explicit zero padding"
+        return None
+    return f"{type(module).__name__} has no compressed product (Linear and Conv2d have)"
+
+
+class _DenseView(torch.autograd.Function):
+    """The dense weight from the values (``module.weight`` read by a user): a scatter whose backward
+    gathers at the slots, and hands the dense gradient to the storage on update iterations."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, storage: CompressedNM) -> Tensor:
+        ctx.storage = storage
+        return storage.dense(values)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        if ctx.storage.want_dense_grad:
+            ctx.storage.stash(grad)
+        return ctx.storage.gather(grad), None
+
+
+class CompressedNM(nn.Module):
+    """The parametrization of a compressed layer's weight: ``values (K, N) -> dense W`` (a scatter).
+
+    Buffers (saved by the sparsifier's state, not the model's): ``indices``, uint8 ``(K, N)``, the in-block
+    position of every slot (slots keep their place across mask updates, so positions are not sorted).
+    """
+
+    def __init__(self, shape: tuple[int, ...], n: int, m: int, indices: Tensor) -> None:
+        super().__init__()
+        self.shape, self.n, self.m = tuple(shape), n, m
+        self.register_buffer("indices", indices.to(index_dtype(m)).contiguous(), persistent=False)
+        self.register_buffer("bwd_keep", None, persistent=False)  # slots the input gradient uses (BAME-dagger)
+        self.want_dense_grad = False  # this iteration's method needs the dense weight gradient
+        self.dense_grad: Tensor | None = None  # that gradient, accumulated over the iteration's backwards
+        self.forward_impl: Any = None
+        self.plan: Any = None  # the Linear kernels' plan (bame.kernels.choose_plan), chosen at the first forward
+        self.pending: Tensor | None = None  # a dense weight loaded before the slots (see load_pending)
+        self.plan_kernels = False
+        self.kernel_grads: list = []
+        self._cache: dict[str, tuple[int, Tensor]] = {}
+
+    # -- what the dense-mode parametrization offers, so the sparsifier treats both alike -----------------
+    weights_pruned = True
+    scale = None
+    bwd_mask = None
+
+    @property
+    def mask(self) -> Tensor:
+        """The forward mask B (bool, the weight's shape), from the slots (cached until they change)."""
+        return self._cached("mask", lambda: from_blocks(self.block_mask(), self.shape, "cin").contiguous())
+
+    def block_mask(self) -> Tensor:
+        """B as ``(K, M)`` blocks."""
+        idx = self.indices.long()
+        return torch.zeros(idx.shape[0], self.m, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+
+    def note(self) -> str:
+        """What computes the layer's products, for the layer report."""
+        if self.plan is not None:
+            return f"compressed; {self.plan.reason}"
+        if not self.plan_kernels:
+            return "compressed; dense products on the scattered weight"
+        return "compressed; sparse kernels: plan chosen at the first forward"
+
+    def grad_is_masked(self, grad: Tensor) -> bool:
+        return True  # the values' gradient has no pruned entries
+
+    def _cached(self, key: str, make: Any) -> Tensor:
+        version = self.indices._version
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != version:
+            hit = self._cache[key] = (version, make())
+        return hit[1]
+
+    # -- values <-> dense ---------------------------------------------------------------------------------
+    def dense(self, values: Tensor) -> Tensor:
+        """The dense weight (the weight's shape) holding ``values`` at the slots, zeros elsewhere."""
+        blocks = torch.zeros(values.shape[0], self.m, dtype=values.dtype, device=values.device)
+        return from_blocks(blocks.scatter_(1, self.indices.long(), values), self.shape, "cin")
+
+    def gather(self, dense: Tensor) -> Tensor:
+        """A weight-shaped tensor at the slots: ``(K, N)``."""
+        return to_blocks(dense, self.m, "cin").gather(1, self.indices.long())
+
+    def packed(self, values: Tensor) -> Packed:
+        """The Linear kernels' structure (absolute columns of the slots) holding ``values``."""
+        out, in_ = self.shape
+        cols = self._cached("cols", lambda: (torch.arange(in_ // self.m, device=self.indices.device).view(1, -1, 1)
+                                             * self.m + self.indices.long().view(out, -1, self.n)).reshape(-1))
+        structure = self._cached("packed", lambda: Packed(values, self.indices.view(out, -1, self.n), cols, self.n,
+                                                          self.m, (out, in_)))
+        return structure.with_values(values.reshape(out, -1, self.n))
+
+    @torch.no_grad()
+    def load_pending(self, values: Tensor) -> None:
+        """Gather a dense weight loaded by ``model.load_state_dict`` before the sparsifier state set the slots
+        (either order of loading gives the same values)."""
+        if self.pending is not None:
+            values.copy_(self.gather(self.pending).to(values.dtype))
+            self.pending = None
+
+    def stash(self, grad: Tensor) -> None:
+        """Accumulate this iteration's dense weight gradient (update iterations; micro-batches add up)."""
+        grad = grad.detach().reshape(self.shape)
+        self.dense_grad = grad.clone() if self.dense_grad is None else self.dense_grad.add_(grad)
+
+    def forward(self, values: Tensor) -> Tensor:
+        return _DenseView.apply(values, self)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] in ("mask", "osc", "sad")]:
+            del state_dict[key]  # entries of the dense-mode parametrization (older model state dicts)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _product(storage: CompressedNM) -> Any:
+    """The forward of a compressed module (installed as the parametrization's ``forward_impl``)."""
+
+    def forward(module: nn.Module, x: Tensor) -> Tensor:
+        values = module.parametrizations.weight.original
+        if isinstance(module, nn.Linear):
+            if storage.plan is None and storage.plan_kernels:
+                out, in_ = storage.shape
+                storage.plan = choose_plan(out, in_, storage.n, storage.m, x.numel() // in_, x.dtype, x.device)
+            return compressed_linear(x, values, storage, module.bias, storage.plan)
+        return compressed_conv(x, values, storage, module.bias, module.stride, module.padding, module.dilation)
+
+    return forward
+
+
+def _state_dict_hook(storage: CompressedNM):
+    """``model.state_dict()`` keeps the dense weight under ``...parametrizations.weight.original``."""
+
+    def hook(module: nn.Module, state: dict, prefix: str, local_metadata: Any) -> None:
+        key = prefix + "original"
+        if key in state and state[key].shape != storage.shape:
+            state[key] = storage.dense(state[key])
+
+    return hook
+
+
+def _load_pre_hook(storage: CompressedNM):
+    """Loading a dense weight (the form ``state_dict`` writes) into a compressed layer gathers its slots."""
+
+    def hook(state: dict, prefix: str, *args: Any) -> None:
+        key = prefix + "original"
+        if key in state and tuple(state[key].shape) == storage.shape:
+            storage.pending = state[key].to(storage.indices.device)  # until the slots are loaded, if they come after
+            state[key] = storage.gather(storage.pending)
+
+    return hook
+
+
+@torch.no_grad()
+def compress(module: nn.Module, mask: Tensor, n: int, m: int, optimizer: torch.optim.Optimizer | None,
+             indices: Tensor | None = None, plan_kernels: bool = False) -> CompressedNM:
+    """Switch a masked layer (dense-mode parametrization, pruned weights zero) to compressed storage.
+
+    Args:
+        module: the sparse module (parametrized).
+        mask: its bool mask (the weight's shape), N per block.
+        n: N.
+        m: M.
+        optimizer: the optimizer holding the weight; its state is gathered into the slots.
+        indices: the slot order to use (a resumed run's), else the kept positions in ascending order.
+        plan_kernels: choose, by timing at the first forward, sparse or dense products for each product of a
+            Linear layer (:func:`bame.kernels.choose_plan`); else dense products on the scattered weight.
+
+    Returns:
+        The new parametrization.
+    """
+    plist = module.parametrizations.weight
+    weight = plist.original
+    shape = tuple(weight.shape)
+    if indices is None:
+        indices = kept_indices(to_blocks(mask, m, "cin"), n)  # (K, N)
+    storage = CompressedNM(shape, n, m, indices.to(mask.device))
+    storage.plan_kernels = plan_kernels
+    values = storage.gather(weight.detach())
+    values_param = nn.Parameter(values.contiguous(), weight.requires_grad)
+    swap_parameter(optimizer, weight, values_param, storage.gather)
+    plist.original = values_param
+    storage.forward_impl = _product(storage)
+    plist[0] = storage
+    plist._register_state_dict_hook(_state_dict_hook(storage))
+    plist._register_load_state_dict_pre_hook(_load_pre_hook(storage))
+    return storage
+
+
+@torch.no_grad()
+def decompress(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> Tensor:
+    """Back to a dense weight (``squash``): the values scattered, the optimizer state too. Returns the mask."""
+    plist = module.parametrizations.weight
+    storage: CompressedNM = plist[0]
+    weight = plist.original
+    mask = storage.mask.clone()
+    dense = nn.Parameter(storage.dense(weight.detach()).contiguous(), weight.requires_grad)
+    swap_parameter(optimizer, weight, dense, lambda v: storage.dense(v).contiguous())
+    plist.original = dense
+    return mask
+
+
+def swap_parameter(optimizer: torch.optim.Optimizer | None, old: nn.Parameter, new: nn.Parameter,
+                   convert: Any) -> None:
+    """Put ``new`` in ``old``'s place in the optimizer's parameter group, with ``old``'s state converted
+    (``convert`` maps every state tensor shaped like ``old``; scalars such as Adam's step stay)."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is not None:
+        optimizer.state[new] = {k: convert(v).contiguous() if torch.is_tensor(v) and v.shape == old.shape else v
+                                for k, v in state.items()}
+
+
+@torch.no_grad()
+def update_slots(storage: CompressedNM, values: Tensor, new_blocks: Tensor,
+                 optimizer: torch.optim.Optimizer | None) -> Tensor:
+    """Make ``new_blocks`` the mask, slot-stably: a block that drops position p and grows q writes q into p's
+    slot; the value and every optimizer-state entry of a rewritten slot become zero.
+
+    Args:
+        storage: the layer's compressed structure.
+        values: the values parameter ``(K, N)``.
+        new_blocks: bool ``(K, M)``, N per block.
+        optimizer: the optimizer holding ``values``.
+
+    Returns:
+        The changed mask entries (dropped plus grown) as a 0-d tensor: the dense-mode flip count.
+    """
+    old = storage.indices.long()  # (K, N)
+    new_blocks = new_blocks.bool()
+    stays = new_blocks.gather(1, old)  # (K, N): the slot's position is still kept
+    grown = new_blocks & ~storage.block_mask()  # (K, M)
+    grown_first = sorted_blocks(grown.to(torch.uint8)).indices[:, : storage.n]  # grown positions, ascending
+    rank = (~stays).to(torch.int64).cumsum(dim=1) - 1  # (K, N): the freed slot's rank in its block
+    new = torch.where(stays, old, grown_first.gather(1, rank.clamp(min=0)))
+    freed = ~stays
+    values.masked_fill_(freed, 0.0)
+    state = optimizer.state.get(values, {}) if optimizer is not None else {}
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == values.shape:
+            value.masked_fill_(freed, 0)
+    storage.indices.copy_(new)
+    return 2 * torch.count_nonzero(freed)
+
+
+@torch.no_grad()
+def dense_gradient(storage: CompressedNM, values: Tensor) -> Tensor | None:
+    """This iteration's dense weight gradient, as the optimizer will see the values' gradient: averaged over
+    data-parallel ranks (as DDP averages the values'), and scaled as the values' gradient was since the
+    backward (AMP's unscaling, clipping)."""
+    grad = storage.dense_grad
+    if grad is None:
+        return None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(grad)
+        grad.div_(dist.get_world_size())
+    if values.grad is not None:
+        at_slots = storage.gather(grad)
+        norm = torch.dot(at_slots.flatten(), at_slots.flatten())
+        if bool(norm > 0):
+            grad.mul_(torch.dot(values.grad.flatten().to(grad.dtype), at_slots.flatten()) / norm)
+    return grad
