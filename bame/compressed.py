@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bame.kernels.compressed import compressed_conv, compressed_linear
+from bame.kernels.compressed import compressed_conv, compressed_linear, conv_geometry
+from bame.kernels.conv import choose_conv_plan, native_conv_problem
 from bame.kernels.packed import Packed, index_dtype
 from bame.kernels.plan import choose_plan
 from bame.nm import from_blocks, kept_indices, sorted_blocks, to_blocks
@@ -175,7 +176,11 @@ def _product(storage: CompressedNM) -> Any:
                 out, in_ = storage.shape
                 storage.plan = choose_plan(out, in_, storage.n, storage.m, x.numel() // in_, x.dtype, x.device)
             return compressed_linear(x, values, storage, module.bias, storage.plan)
-        return compressed_conv(x, values, storage, module.bias, module.stride, module.padding, module.dilation)
+        if storage.plan is None and storage.plan_kernels and native_conv_problem(x, module.stride) is None:
+            geo = conv_geometry(storage, x, module.padding, module.dilation)
+            storage.plan = choose_conv_plan(geo, storage.n, storage.m, x.shape[0], x.dtype, x.device)
+        return compressed_conv(x.contiguous(), values, storage, module.bias, module.stride, module.padding,
+                               module.dilation, storage.plan)
 
     return forward
 

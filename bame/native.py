@@ -41,12 +41,16 @@ __all__ = [
     "available",
     "ready",
     "bag",
+    "bag_chunked",
     "block_flips",
     "cache_dir",
     "check_inputs",
     "gather_rows",
     "kth_smallest",
     "lma_propose",
+    "pad_planes",
+    "plane_bags",
+    "plane_dots",
     "sampled_dot",
     "scatter_rows",
     "srste_decay_",
@@ -59,7 +63,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("csrc") / "nm_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
-ABI_VERSION = 7  # must match nm_abi_version() in the C source
+ABI_VERSION = 8  # must match nm_abi_version() in the C source
 #: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
 MIN_PARALLEL_WORK = 1 << 18
 #: Elements from which a mask-upkeep call (top-N, flip counts, LMA, OBF ranks) beats PyTorch's ops: below
@@ -135,10 +139,15 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.nm_lma_propose_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, i64, i64]
     lib.nm_kth_smallest_f32.argtypes = [p, i64, i64]
     lib.nm_srste_decay_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64]
+    lib.nm_bag_chunked_f32.argtypes = [p, i64, i64, i64, p, p, i64, p, p, p, i64, i64, p, i64, i64]
+    lib.nm_plane_bags_f32.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, i64, p, i64, i64, i64, i64, i64]
+    lib.nm_plane_dots_f32.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, p, p, i64, i64]
+    lib.nm_pad_planes_f32.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64]
     lib.nm_kth_smallest_f32.restype = ctypes.c_float
     for fn in (lib.nm_srste_decay_f32, lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8,
                lib.nm_lma_propose_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32,
-               lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32):
+               lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32, lib.nm_bag_chunked_f32, lib.nm_plane_bags_f32,
+               lib.nm_plane_dots_f32, lib.nm_pad_planes_f32):
         fn.restype = None
     return lib
 
@@ -353,6 +362,134 @@ def bag(
 
     if tokens > 0:
         _run_split(run, off, bags, idx.numel() * tokens, threads)
+    return out
+
+
+#: The table rows of one chunk of :func:`bag_chunked` take at most this many bytes (half of a 48 KiB L1).
+CHUNK_BYTES = 24 << 10
+
+
+def chunk_rows(tw: int, multiple: int = 1) -> int:
+    """Table rows per chunk: as many as fit :data:`CHUNK_BYTES` at ``tw`` floats a row, a multiple of
+    ``multiple`` (the forward's chunks hold whole N:M blocks)."""
+    rows = max(CHUNK_BYTES // (tw * 4), multiple)
+    return max(rows // multiple * multiple, multiple)
+
+
+def bag_chunked(
+    tiles: Tensor, tokens: int, idx: Tensor, cptr: Tensor, w: Tensor, wperm: Tensor | None = None,
+    transpose_out: bool = True, threads: int | None = None,
+) -> Tensor:
+    """:func:`bag` with every bag split into chunks of table rows (``cptr``: ``(bags, nch + 1)`` offsets;
+    chunk k of bag r is ``[cptr[r, k], cptr[r, k + 1])``), all bags taking one chunk before the next, so a
+    chunk of the table stays in L1 (see ``nm_bag_chunked_f32``)."""
+    lib = _require()
+    _f32(tiles, w)
+    idx, cptr = _i64(idx), _i64(cptr)
+    wperm = None if wperm is None else _i64(wperm)
+    bags, nch = cptr.shape[0], cptr.shape[1] - 1
+    _, rows, tw = tiles.shape
+    out = tiles.new_empty((tokens, bags) if transpose_out else (bags, tokens))
+    scratch = tiles.new_empty(bags, tw)
+    ldr, ldt = (1, bags) if transpose_out else (tokens, 1)
+    args = (_ptr(tiles), rows, tokens, tw, _ptr(idx), _ptr(cptr), nch, _ptr(w), _ptr(wperm), _ptr(out), ldr, ldt,
+            _ptr(scratch))
+
+    def run(r0: int, r1: int) -> None:
+        lib.nm_bag_chunked_f32(*args, r0, r1)
+
+    if tokens > 0 and bags > 0:
+        off = cptr[:, -1].new_zeros(bags + 1)
+        off[1:] = cptr[:, -1]  # the bags' total slot counts, to balance the split
+        _run_split(run, off if bool((off[1:] >= off[:-1]).all()) else torch.arange(bags + 1), bags,
+                   idx.numel() * tokens, threads)
+    return out
+
+
+def plane_bags(
+    x: Tensor, ld: int, positions: int, wp: int, wo: int, row: Tensor, off: Tensor, ptr: Tensor, w: Tensor,
+    out: Tensor, ldr: int, ldh: int, threads: int | None = None,
+) -> Tensor:
+    """Bags over shifted planes, for every image (see ``nm_plane_bags_f32``): writes ``out`` and returns it.
+
+    Args:
+        x: ``(B, ...)`` float32, image b's planes from ``x[b]``, plane c at ``c * ld`` (PLANE_TW readable floats
+            past the last position read).
+        ld: floats between planes.
+        positions: P, the output positions per plane (``h * wp + column``).
+        wp: the width of a row of positions.
+        wo: columns ``< wo`` are stored.
+        row: ``(nnz,)`` plane of every term; ``off``: its shift; ``ptr``: ``(R + 1,)`` terms of every output row.
+        w: ``(nnz,)`` weights.
+        out: ``(B, ...)`` float32, output row r of image b at ``out[b] + r * ldr + h * ldh + column``.
+        ldr: floats between output rows; ``ldh``: between rows of positions.
+    """
+    lib = _require()
+    _f32(x, w, out)
+    row, off, ptr = _i64(row), _i64(off), _i64(ptr)
+    images, rows = x.shape[0], ptr.numel() - 1
+    args = (_ptr(x), x[0].numel() if images else 0, ld, positions, wp, wo, _ptr(row), _ptr(off), _ptr(ptr), _ptr(w),
+            rows, _ptr(out), out[0].numel() if images else 0, ldr, ldh)
+
+    def run(i0: int, i1: int) -> None:
+        lib.nm_plane_bags_f32(*args, i0, i1)
+
+    if images * rows > 0:
+        _even_split(run, images * rows, images * row.numel() * positions, threads)
+    return out
+
+
+def pad_planes(src: Tensor, length: int, front: int = 0, top: int = 0, left: int = 0, wp: int | None = None,
+               threads: int | None = None) -> Tensor:
+    """``(B, C, H, W)`` -> ``(B, C, length)``: every plane padded and flattened in one pass (see
+    ``nm_pad_planes_f32``): ``front`` zeros, ``top`` zero rows, rows of ``left`` zeros + W values + zeros up to
+    ``wp``, zeros up to ``length``."""
+    lib = _require()
+    src = src.contiguous()
+    _f32(src)
+    b, c, h, w = src.shape
+    wp = w if wp is None else wp
+    if front + (top + h) * wp > length or left + w > wp:
+        raise ValueError(f"planes of {h}x{w} do not fit {length} floats (front {front}, top {top}, wp {wp})")
+    out = src.new_empty(b, c, length)
+    args = (_ptr(src), h, w, _ptr(out), length, front, top, left, wp)
+
+    def run(q0: int, q1: int) -> None:
+        lib.nm_pad_planes_f32(*args, q0, q1)
+
+    if b * c > 0:
+        _even_split(run, b * c, out.numel() // 4, threads)
+    return out
+
+
+def plane_dots(
+    d: Tensor, ldd: int, x: Tensor, ld: int, positions: int, row: Tensor, off: Tensor, ptr: Tensor,
+    threads: int | None = None,
+) -> Tensor:
+    """Dots over shifted planes summed over the images (see ``nm_plane_dots_f32``): ``(nnz,)`` float32.
+
+    Args:
+        d: ``(B, ...)`` the output gradient, row r of image b at ``d[b] + r * ldd``, zero past P up to a
+            multiple of PLANE_TW.
+        ldd: floats between rows of d.
+        x: ``(B, ...)`` the input planes (as :func:`plane_bags`).
+        ld: floats between planes.
+        positions: P.
+        row, off, ptr: the terms of every row of d (as :func:`plane_bags`).
+    """
+    lib = _require()
+    _f32(d, x)
+    row, off, ptr = _i64(row), _i64(off), _i64(ptr)
+    out = d.new_empty(row.numel())
+    images, rows = d.shape[0], ptr.numel() - 1
+    args = (_ptr(d), d[0].numel() if images else 0, ldd, _ptr(x), x[0].numel() if images else 0, ld, positions,
+            images, _ptr(row), _ptr(off), _ptr(ptr), _ptr(out))
+
+    def run(r0: int, r1: int) -> None:
+        lib.nm_plane_dots_f32(*args, r0, r1)
+
+    if rows > 0:
+        _run_split(run, ptr, rows, images * row.numel() * positions, threads)
     return out
 
 

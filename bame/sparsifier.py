@@ -206,8 +206,6 @@ class Sparsifier:
         self._squashed = False
         self._plan_cache: tuple[int, Step] | None = None
         self._select(include, exclude, layer_filter)
-        if storage == "compressed":
-            self._check_compressible()
         if optimizer is not None:
             self.bind(optimizer)
         for layer in self.layers:
@@ -224,6 +222,8 @@ class Sparsifier:
         if layer_filter is None:
             layer_filter = self.method.layer_filter()
         candidates = select_layers(inner, self.m, self.group_axis, include, exclude, layer_filter)
+        if self.storage == "compressed":  # refused before any layer is touched
+            self._check_compressible([c for c in candidates if c.reason is None])
         self.all_layers = [(f"{c.name}.weight", c.module) for c in candidates]
         for cand in candidates:
             wname = f"{cand.name}.weight"
@@ -239,15 +239,15 @@ class Sparsifier:
                 f"(group_axis={self.group_axis}): " + "; ".join(f"{k}: {v}" for k, v in self.dense_layers.items())
             )
 
-    def _check_compressible(self) -> None:
+    def _check_compressible(self, candidates: list) -> None:
         """Refuse compressed storage, in one line, for a method or a layer that cannot have it."""
         reason = self.method.dense_every_step
         if reason:
             raise ConfigError(f"method {self.method.name!r} cannot train with storage='compressed': it {reason}")
-        for layer in self.layers:
-            problem = compressed.storage_problem(layer.module, self.group_axis)
+        for cand in candidates:
+            problem = compressed.storage_problem(cand.module, self.group_axis)
             if problem is not None:
-                raise ConfigError(f"storage='compressed' for {layer.name}: {problem}")
+                raise ConfigError(f"storage='compressed' for {cand.name}.weight: {problem}")
 
     @property
     def switched(self) -> bool:

@@ -20,7 +20,7 @@
 #include <string.h>
 
 /* Version of the C interface; native.py checks it after loading a library. */
-int64_t nm_abi_version(void) { return 7; }
+int64_t nm_abi_version(void) { return 8; }
 
 /* The largest token tile (floats): the accumulators of one bag tile stay in registers. */
 #define MAX_TW 64
@@ -462,4 +462,192 @@ float nm_kth_smallest_f32(const float *restrict v, int64_t K, int64_t k) {
 void nm_srste_decay_f32(float *restrict grad, const float *restrict w, const uint8_t *restrict mask, float lam,
                         int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) grad[q] = grad[q] + (lam * w[q]) * (1.0f - (float)mask[q]);
+}
+
+/*
+ * Bags over a tiled table, blocked by table rows (``chunks``): the same sums as nm_bag_f32, but every row's
+ * bag is split into chunks whose table rows lie in one range, and all rows [r0, r1) take one chunk before
+ * any takes the next. One chunk of a tile's table (a few dozen rows of tw floats) then stays in L1 while
+ * every row's slots in it are summed; the running sums wait in ``scratch`` (bags x tw floats, in L2).
+ *     chunk k of row r: p in [cptr[r * (nch + 1) + k], cptr[r * (nch + 1) + k + 1])
+ * The forward of a compressed Linear layer (chunks of whole N:M blocks: every row has the same slot count
+ * in a chunk) and its input gradient (the transposed structure, chunked by output rows) both use it.
+ * The order of the sums depends on the chunking, not on the thread split.
+ */
+#define BAGC_TILE(W)                                                                     \
+    do {                                                                                 \
+        vec acc[(W) / VW], acc2[(W) / VW];                                               \
+        for (int v = 0; v < (W) / VW; ++v) {                                             \
+            acc[v] = first ? VZERO() : VLOAD(sc + v * VW);                               \
+            acc2[v] = VZERO();                                                           \
+        }                                                                                \
+        int64_t p = p0;                                                                  \
+        for (; p + 1 < p1; p += 2) {                                                     \
+            const vec w0 = VSET1(w[wperm ? wperm[p] : p]);                               \
+            const vec w1 = VSET1(w[wperm ? wperm[p + 1] : p + 1]);                       \
+            const float *restrict row0 = tab + idx[p] * (W);                             \
+            const float *restrict row1 = tab + idx[p + 1] * (W);                         \
+            for (int v = 0; v < (W) / VW; ++v) {                                         \
+                acc[v] = VFMA(w0, VLOAD(row0 + v * VW), acc[v]);                         \
+                acc2[v] = VFMA(w1, VLOAD(row1 + v * VW), acc2[v]);                       \
+            }                                                                            \
+        }                                                                                \
+        if (p < p1) {                                                                    \
+            const vec w0 = VSET1(w[wperm ? wperm[p] : p]);                               \
+            const float *restrict row0 = tab + idx[p] * (W);                             \
+            for (int v = 0; v < (W) / VW; ++v) acc[v] = VFMA(w0, VLOAD(row0 + v * VW), acc[v]); \
+        }                                                                                \
+        for (int v = 0; v < (W) / VW; ++v) acc[v] = VADD(acc[v], acc2[v]);               \
+        if (last) {                                                                      \
+            float buf[W];                                                                \
+            for (int v = 0; v < (W) / VW; ++v) VSTORE(buf + v * VW, acc[v]);             \
+            for (int64_t j = 0; j < width; ++j) dst[j * ldt] = buf[j];                   \
+        } else {                                                                         \
+            for (int v = 0; v < (W) / VW; ++v) VSTORE(sc + v * VW, acc[v]);              \
+        }                                                                                \
+    } while (0)
+
+void nm_bag_chunked_f32(const float *restrict table, int64_t rows, int64_t T, int64_t tw,
+                        const int64_t *restrict idx, const int64_t *restrict cptr, int64_t nch,
+                        const float *restrict w, const int64_t *restrict wperm, float *restrict out, int64_t ldr,
+                        int64_t ldt, float *restrict scratch, int64_t r0, int64_t r1) {
+    const int64_t n_tiles = (T + tw - 1) / tw;
+    for (int64_t c = 0; c < n_tiles; ++c) {
+        const float *restrict tab = table + c * rows * tw;
+        const int64_t width = (T - c * tw < tw) ? T - c * tw : tw;
+        for (int64_t k = 0; k < nch; ++k) {
+            const int first = (k == 0), last = (k == nch - 1);
+            for (int64_t r = r0; r < r1; ++r) {
+                const int64_t p0 = cptr[r * (nch + 1) + k], p1 = cptr[r * (nch + 1) + k + 1];
+                float *restrict sc = scratch + r * tw;
+                float *restrict dst = out + r * ldr + c * tw * ldt;
+                if (p0 == p1 && !first && !last) continue; /* nothing of this row in the chunk */
+                if (tw == 64) {
+                    BAGC_TILE(64);
+                } else if (tw == 32) {
+                    BAGC_TILE(32);
+                } else if (tw == 16) {
+                    BAGC_TILE(16);
+                } else { /* small or odd tiles: scalar, runtime width */
+                    float acc[MAX_TW];
+                    for (int64_t j = 0; j < tw; ++j) acc[j] = first ? 0.0f : sc[j];
+                    for (int64_t p = p0; p < p1; ++p) {
+                        const float wp = w[wperm ? wperm[p] : p];
+                        const float *restrict row = tab + idx[p] * tw;
+                        for (int64_t j = 0; j < tw; ++j) acc[j] += wp * row[j];
+                    }
+                    if (last) {
+                        for (int64_t j = 0; j < width; ++j) dst[j * ldt] = acc[j];
+                    } else {
+                        for (int64_t j = 0; j < tw; ++j) sc[j] = acc[j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Positions per tile of the plane kernels: 64 floats, four independent accumulators. */
+#define PLANE_TW 64
+
+/*
+ * Bags over shifted planes (the products of an N:M convolution on NCHW data):
+ *     out[b, r, p] = sum_{q in [ptr[r], ptr[r+1])} w[q] * X_b[row[q] * ld + off[q] + p]      for p < P
+ * for every image b (X_b = x + b * xstride). A convolution is a sum over kernel positions of shifted
+ * products: ``row`` is the input channel of a slot and ``off`` its kernel position's shift in the padded
+ * plane (kh * Wp + kw), so stride-1 convolutions of any kernel, padding and dilation are one call. Output
+ * position p is row h = p / wp, column p % wp of a plane wp wide; only columns < wo are stored, at
+ * out[b * ostride + r * ldr + h * ldh + column]. Every plane of X must hold PLANE_TW floats past its last
+ * read position (zeros). Work is split over the flat (image, row) range [i0, i1).
+ */
+void nm_plane_bags_f32(const float *restrict x, int64_t xstride, int64_t ld, int64_t P, int64_t wp, int64_t wo,
+                       const int64_t *restrict row, const int64_t *restrict off, const int64_t *restrict ptr,
+                       const float *restrict w, int64_t R, float *restrict out, int64_t ostride, int64_t ldr,
+                       int64_t ldh, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / R, r = i % R;
+        const float *restrict X = x + b * xstride;
+        float *restrict O = out + b * ostride + r * ldr;
+        for (int64_t p0 = 0; p0 < P; p0 += PLANE_TW) {
+            vec acc[PLANE_TW / VW];
+            float buf[PLANE_TW];
+            for (int v = 0; v < PLANE_TW / VW; ++v) acc[v] = VZERO();
+            for (int64_t q = ptr[r]; q < ptr[r + 1]; ++q) {
+                const vec wq = VSET1(w[q]);
+                const float *restrict src = X + row[q] * ld + off[q] + p0;
+                for (int v = 0; v < PLANE_TW / VW; ++v) acc[v] = VFMA(wq, VLOAD(src + v * VW), acc[v]);
+            }
+            for (int v = 0; v < PLANE_TW / VW; ++v) VSTORE(buf + v * VW, acc[v]);
+            const int64_t width = (P - p0 < PLANE_TW) ? P - p0 : PLANE_TW;
+            int64_t h = p0 / wp, col = p0 - h * wp;
+            for (int64_t j = 0; j < width; ++j) {
+                if (col < wo) O[h * ldh + col] = buf[j];
+                if (++col == wp) {
+                    col = 0;
+                    ++h;
+                }
+            }
+        }
+    }
+}
+
+/*
+ * Dots over shifted planes (the weight gradient of an N:M convolution at the kept slots only):
+ *     out[q] = sum_b sum_{p < P} D_b[r * ldd + p] * X_b[row[q] * ld + off[q] + p]      for q in [ptr[r], ptr[r+1])
+ * for rows r in [r0, r1), summed over the B images (D_b = d + b * dstride: the output gradient, zero at the
+ * junk columns). Every row of D holds zeros up to a multiple of PLANE_TW past P, and every plane of X that
+ * many readable floats (so the last tile needs no tail loop). Fixed summation order.
+ */
+void nm_plane_dots_f32(const float *restrict d, int64_t dstride, int64_t ldd, const float *restrict x,
+                       int64_t xstride, int64_t ld, int64_t P, int64_t B, const int64_t *restrict row,
+                       const int64_t *restrict off, const int64_t *restrict ptr, float *restrict out, int64_t r0,
+                       int64_t r1) {
+    const int64_t Pr = (P + PLANE_TW - 1) / PLANE_TW * PLANE_TW;
+    for (int64_t r = r0; r < r1; ++r)
+        for (int64_t q = ptr[r]; q < ptr[r + 1]; ++q) out[q] = 0.0f;
+    for (int64_t b = 0; b < B; ++b) {
+        const float *restrict X = x + b * xstride;
+        for (int64_t r = r0; r < r1; ++r) {
+            const float *restrict D = d + b * dstride + r * ldd;
+            for (int64_t q = ptr[r]; q < ptr[r + 1]; ++q) {
+                const float *restrict src = X + row[q] * ld + off[q];
+                vec acc[PLANE_TW / VW];
+                for (int v = 0; v < PLANE_TW / VW; ++v) acc[v] = VZERO();
+                for (int64_t p0 = 0; p0 < Pr; p0 += PLANE_TW)
+                    for (int v = 0; v < PLANE_TW / VW; ++v)
+                        acc[v] = VFMA(VLOAD(D + p0 + v * VW), VLOAD(src + p0 + v * VW), acc[v]);
+                for (int half = PLANE_TW / VW / 2; half > 0; half /= 2)
+                    for (int v = 0; v < half; ++v) acc[v] = VADD(acc[v], acc[v + half]);
+                out[q] += VHSUM(acc[0]);
+            }
+        }
+    }
+}
+
+/*
+ * Planes into a padded, flattened layout in one pass (no separate zero fill): plane q of src (H x W,
+ * contiguous) becomes dst[q * ld ...]: `front` zeros, `top` zero rows of wp, then H rows of `left` zeros,
+ * the W values and zeros up to wp, then zeros up to ld. For planes [q0, q1).
+ */
+void nm_pad_planes_f32(const float *restrict src, int64_t H, int64_t W, float *restrict dst, int64_t ld,
+                       int64_t front, int64_t top, int64_t left, int64_t wp, int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+        const float *restrict s = src + q * H * W;
+        float *restrict d = dst + q * ld;
+        int64_t pos = front + top * wp;
+        memset(d, 0, (size_t)(pos + left) * sizeof(float));
+        for (int64_t h = 0; h < H; ++h) {
+            float *restrict line = d + pos + h * wp + left;
+            memcpy(line, s + h * W, (size_t)W * sizeof(float));
+            /* the rest of this row, and the next row's left margin (or the tail after the last row) */
+            const int64_t gap = (h + 1 < H) ? wp - W : 0;
+            memset(line + W, 0, (size_t)gap * sizeof(float));
+        }
+        const int64_t used = pos + (H - 1) * wp + left + W;
+        if (H == 0) {
+            memset(d, 0, (size_t)ld * sizeof(float));
+        } else if (used < ld) {
+            memset(d + used, 0, (size_t)(ld - used) * sizeof(float));
+        }
+    }
 }

@@ -20,12 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bame.kernels.conv import ConvGeometry, conv_dw, conv_dx, conv_forward, padded_planes
 from bame.kernels.linear import (
     FORWARD,
     INPUT_GRAD,
     WEIGHT_GRAD,
     dw_native_tiles,
+    dx_chunked_tiles,
     dx_native_tiles,
+    fwd_chunked_tiles,
     fwd_native_tiles,
     native_tiles,
 )
@@ -37,23 +40,27 @@ def _names(plan: Any) -> tuple[str, str, str]:
     return ("dense", "dense", "dense") if plan is None else (plan.fwd, plan.dx, plan.dw)
 
 
+#: Formulations that read the native kernels' tiling of x^T and dY^T (one tiling shared by the products).
+FORWARD_TILED = {"native": fwd_native_tiles, "chunked": fwd_chunked_tiles}
+INPUT_GRAD_TILED = {"native": dx_native_tiles, "chunked": dx_chunked_tiles}
+
+
 class CompressedLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` for a compressed W: every product from the values and indices (see module doc)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, storage: Any, bias: Tensor | None, plan: Any) -> Tensor:
         fwd, dx_name, dw_name = _names(plan)
-        out = storage.shape[0]
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
         vals = values.detach().to(x.dtype)
-        packed = storage.packed(vals) if "native" in (fwd, dw_name) or fwd != "dense" or dx_name != "dense" else None
+        packed = None if fwd == "dense" else storage.packed(vals)
+        tiled_dw = ctx.needs_input_grad[1] and dw_name == "native"
         # The native kernels' tiling of x^T, shared by the forward and the weight gradient.
-        sparse_dw = ctx.needs_input_grad[1] and dw_name == "native"
-        x_nt = native_tiles(x2, packed) if packed is not None and (fwd == "native" or sparse_dw) else None
+        x_nt = native_tiles(x2, storage.packed(vals)) if fwd in FORWARD_TILED or tiled_dw else None
         if fwd == "dense":
             y2 = F.linear(x2, storage.dense(vals))  # (T, out)
-        elif fwd == "native":
-            y2 = fwd_native_tiles(x_nt, x2.shape[0], packed)
+        elif fwd in FORWARD_TILED:
+            y2 = FORWARD_TILED[fwd](x_nt, x2.shape[0], packed)
         else:
             y2 = FORWARD[fwd](x2, packed, 0)
         if bias is not None:
@@ -61,7 +68,7 @@ class CompressedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, vals, x_nt)
         ctx.storage, ctx.plan_names, ctx.x_shape, ctx.v_dtype = storage, (fwd, dx_name, dw_name), x.shape, values.dtype
         ctx.has_bias = bias is not None
-        return y2.view(*x.shape[:-1], out)
+        return y2.view(*x.shape[:-1], storage.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
@@ -70,33 +77,30 @@ class CompressedLinearFunction(torch.autograd.Function):
         _, dx_name, dw_name = ctx.plan_names
         dy2 = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)  # (T, out)
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dense_dw = need_dw and (storage.want_dense_grad or dw_name != "native" and dw_name not in WEIGHT_GRAD)
-        packed = storage.packed(vals) if "native" in (dx_name, dw_name) or dx_name != "dense" \
-            or (need_dw and not storage.want_dense_grad and dw_name != "dense") else None
-        dy_nt = None
-        if packed is not None and ((need_dx and dx_name == "native") or (need_dw and dw_name == "native")):
-            dy_nt = native_tiles(dy2, packed)  # one tiling of dY^T, shared by dX and dW
+        sparse_dw = need_dw and not storage.want_dense_grad and dw_name != "dense"
+        tiled = (need_dx and dx_name in INPUT_GRAD_TILED) or (sparse_dw and dw_name == "native")
+        dy_nt = native_tiles(dy2, storage.packed(vals)) if tiled else None  # one tiling of dY^T for dX and dW
         dx = dvals = db = None
         if need_dx:
             bwd = vals if storage.bwd_keep is None else vals * storage.bwd_keep  # BAME-dagger's backward mask
             if dx_name == "dense":
                 dx = dy2 @ storage.dense(bwd)  # (T, in)
-            elif dx_name == "native":
-                dx = dx_native_tiles(dy_nt, dy2.shape[0], storage.packed(bwd))
+            elif dx_name in INPUT_GRAD_TILED:
+                dx = INPUT_GRAD_TILED[dx_name](dy_nt, dy2.shape[0], storage.packed(bwd))
             else:
                 dx = INPUT_GRAD[dx_name](dy2, storage.packed(bwd), 0)
             dx = dx.view(ctx.x_shape)
         if need_dw:
-            if storage.want_dense_grad or dense_dw or dw_name == "dense":
+            if sparse_dw and dw_name == "native":
+                dvals = dw_native_tiles(dy_nt, x_nt, dy2.shape[0], storage.packed(vals))
+            elif sparse_dw:
+                dvals = WEIGHT_GRAD[dw_name](dy2, x2, storage.packed(vals), 0)
+            else:
                 full = dy2.t() @ x2  # (out, in): the one dense weight-gradient product
                 if storage.want_dense_grad:
                     storage.stash(full)
                 dvals = storage.gather(full)
-            elif dw_name == "native":
-                dvals = dw_native_tiles(dy_nt, x_nt, dy2.shape[0], packed).reshape(-1, storage.n)
-            else:
-                dvals = WEIGHT_GRAD[dw_name](dy2, x2, packed, 0).reshape(-1, storage.n)
-            dvals = dvals.to(ctx.v_dtype)
+            dvals = dvals.reshape(-1, storage.n).to(ctx.v_dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             db = dy2.sum(0)
         return dx, dvals, None, db, None
@@ -109,39 +113,68 @@ def compressed_linear(x: Tensor, values: Tensor, storage: Any, bias: Tensor | No
 
 
 class CompressedConvFunction(torch.autograd.Function):
-    """A convolution with a compressed weight (N:M along the input channels), portable: the weight is
-    scattered dense for the products, and the weight gradient gathered at the kept slots (the dense
-    gradient handed to the storage on update iterations)."""
+    """A convolution with a compressed weight (N:M along the input channels): each product native
+    (:mod:`bame.kernels.conv`, stride 1) or dense on the scattered weight, as the layer's
+    :class:`~bame.kernels.conv.ConvPlan` says; the weight gradient at the kept slots (the dense gradient
+    handed to the storage on update iterations)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, storage: Any, bias: Tensor | None, stride: tuple,
-                padding: tuple, dilation: tuple) -> Tensor:
+                padding: tuple, dilation: tuple, plan: Any) -> Tensor:
         vals = values.detach().to(x.dtype)
-        weight = storage.dense(vals)
-        ctx.save_for_backward(x, vals)
+        geo = None if plan is None or plan.is_dense else conv_geometry(storage, x, padding, dilation)
+        planes = None
+        if geo is not None and plan.fwd == "native":
+            y, planes = conv_forward(x, vals, storage.indices, geo, storage.m)
+            if bias is not None:
+                y = y + bias.view(1, -1, 1, 1)
+        else:
+            y = F.conv2d(x, storage.dense(vals), bias, stride, padding, dilation)
+        if geo is not None and plan.dw == "native" and planes is None:
+            planes = padded_planes(x, geo)
+        ctx.save_for_backward(x, vals, planes)
         ctx.storage, ctx.conf, ctx.has_bias, ctx.v_dtype = storage, (stride, padding, dilation), bias is not None, \
             values.dtype
-        return F.conv2d(x, weight, bias, stride, padding, dilation)
+        ctx.plan, ctx.geo = plan, geo
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, vals = ctx.saved_tensors
-        storage = ctx.storage
+        x, vals, planes = ctx.saved_tensors
+        storage, plan, geo = ctx.storage, ctx.plan, ctx.geo
         stride, padding, dilation = ctx.conf
-        weight = storage.dense(vals if storage.bwd_keep is None else vals * storage.bwd_keep)  # dX's operand
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3]]
-        dx, dw, db = torch.ops.aten.convolution_backward(
-            grad_y.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, list(stride),
-            list(padding), list(dilation), False, [0, 0], 1, mask)
-        dvals = None
-        if dw is not None:
-            if storage.want_dense_grad:
-                storage.stash(dw)
-            dvals = storage.gather(dw).to(ctx.v_dtype)
-        return dx, dvals, None, db, None, None, None
+        grad_y = grad_y.to(x.dtype).contiguous()
+        bwd = vals if storage.bwd_keep is None else vals * storage.bwd_keep  # dX's operand (BAME-dagger)
+        native_dx = geo is not None and plan.dx == "native" and ctx.needs_input_grad[0]
+        native_dw = geo is not None and plan.dw == "native" and not storage.want_dense_grad
+        dense_mask = [ctx.needs_input_grad[0] and not native_dx, ctx.needs_input_grad[1] and not native_dw, False]
+        dx = dvals = db = None
+        if any(dense_mask):
+            dx, dw, _ = torch.ops.aten.convolution_backward(
+                grad_y, x, storage.dense(bwd), None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+                dense_mask)
+            if dw is not None:
+                if storage.want_dense_grad:
+                    storage.stash(dw)
+                dvals = storage.gather(dw)
+        if native_dx:
+            dx = conv_dx(grad_y, bwd, storage.indices, geo, storage.m)
+        if native_dw and ctx.needs_input_grad[1]:
+            dvals = conv_dw(grad_y, planes, storage.indices, geo, storage.m)
+        if dvals is not None:
+            dvals = dvals.to(ctx.v_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = grad_y.sum(dim=(0, 2, 3))
+        return dx, dvals, None, db, None, None, None, None
+
+
+def conv_geometry(storage: Any, x: Tensor, padding: tuple, dilation: tuple) -> ConvGeometry:
+    """The geometry of a compressed convolution on input ``x``."""
+    out, cin, kh, kw = storage.shape
+    return ConvGeometry(out, cin, kh, kw, x.shape[2], x.shape[3], tuple(padding), tuple(dilation))
 
 
 def compressed_conv(x: Tensor, values: Tensor, storage: Any, bias: Tensor | None, stride: tuple, padding: tuple,
-                    dilation: tuple) -> Tensor:
+                    dilation: tuple, plan: Any = None) -> Tensor:
     """Functional form of :class:`CompressedConvFunction`."""
-    return CompressedConvFunction.apply(x, values, storage, bias, stride, padding, dilation)
+    return CompressedConvFunction.apply(x, values, storage, bias, stride, padding, dilation, plan)

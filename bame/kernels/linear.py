@@ -242,6 +242,64 @@ def dw_native(dy: Tensor, x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
     return dw_native_tiles(native_tiles(dy, packed), native_tiles(x, packed), x.shape[0], packed)
 
 
+def _forward_chunks(packed: Packed, tw: int) -> Tensor:
+    """``(out, nch + 1)`` slot offsets of every row's chunks of whole blocks (each row has the same number of
+    slots in a chunk: N per block), cached with the structure."""
+    key = f"fwd_chunks:{tw}"
+    if key not in packed._cache:
+        out, in_ = packed.shape
+        blocks = max(native.chunk_rows(tw, packed.m) // packed.m, 1)  # blocks of M columns per chunk
+        nch = -(-(in_ // packed.m) // blocks)
+        per_row = packed.slots_per_row
+        edges = torch.clamp(torch.arange(nch + 1) * blocks * packed.n, max=per_row)  # (nch + 1,)
+        rows = torch.arange(out).view(-1, 1) * per_row
+        packed._cache[key] = (rows + edges.view(1, -1)).to(packed.cols.device)
+    return packed._cache[key]
+
+
+def _input_grad_chunks(packed: Packed, tw: int) -> Tensor:
+    """``(in, nch + 1)`` offsets into the transposed structure (:meth:`Packed.transposed`) of every input
+    column's entries by chunks of output rows, cached with the structure."""
+    key = f"dx_chunks:{tw}"
+    if key not in packed._cache:
+        _, rows, crow = packed.transposed()
+        out, in_ = packed.shape
+        size = native.chunk_rows(tw)
+        nch = -(-out // size)
+        column = torch.repeat_interleave(torch.arange(in_, device=rows.device), crow[1:] - crow[:-1])
+        counts = torch.bincount(column * nch + rows // size, minlength=in_ * nch).view(in_, nch)
+        cptr = torch.zeros(in_, nch + 1, dtype=torch.int64, device=rows.device)
+        cptr[:, 1:] = torch.cumsum(counts, dim=1)
+        packed._cache[key] = cptr + crow[:-1].view(-1, 1)
+    return packed._cache[key]
+
+
+def fwd_chunked_tiles(x_tiles: Tensor, tokens: int, packed: Packed) -> Tensor:
+    """:func:`fwd_native_tiles` blocked by input columns so a chunk of the table stays in L1:
+    ``(n_tiles, in, tw)`` -> ``(T, out)``."""
+    return native.bag_chunked(x_tiles, tokens, packed.cols, _forward_chunks(packed, x_tiles.shape[2]),
+                              _flat_values(packed))
+
+
+def fwd_chunked(x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``y = x (W*B)^T`` with :func:`bame.native.bag_chunked` (float32 CPU; ``tile`` is ignored)."""
+    native.check_inputs(x, packed.values)
+    return fwd_chunked_tiles(native_tiles(x, packed), x.shape[0], packed)
+
+
+def dx_chunked_tiles(dy_tiles: Tensor, tokens: int, packed: Packed) -> Tensor:
+    """:func:`dx_native_tiles` blocked by output rows: ``(n_tiles, out, tw)`` -> ``(T, in)``."""
+    perm, rows, _ = packed.transposed()
+    return native.bag_chunked(dy_tiles, tokens, rows, _input_grad_chunks(packed, dy_tiles.shape[2]),
+                              _flat_values(packed), perm)
+
+
+def dx_chunked(dy: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dX = dY (W*B)`` with :func:`bame.native.bag_chunked` over the transposed structure."""
+    native.check_inputs(dy, packed.values)
+    return dx_chunked_tiles(native_tiles(dy, packed), dy.shape[0], packed)
+
+
 def scatter_values_native(grad_values: Tensor, packed: Packed) -> Tensor:
     """:func:`scatter_values` in one parallel pass (zeros and slot values written row by row)."""
     return native.scatter_rows(
@@ -279,12 +337,14 @@ def fwd_semi_structured(x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
 
 ProductFn = Callable[[Tensor, Packed, int], Tensor]
 FORWARD: dict[str, ProductFn] = {
-    "dense": fwd_dense, "embag": fwd_embag, "csr": fwd_csr, "native": fwd_native,
+    "dense": fwd_dense, "embag": fwd_embag, "csr": fwd_csr, "native": fwd_native, "chunked": fwd_chunked,
     "semi_structured": fwd_semi_structured,
 }
 #: Formulations that can only run on a GPU (the planner skips them elsewhere).
 CUDA_ONLY = frozenset({"semi_structured"})
-INPUT_GRAD: dict[str, ProductFn] = {"dense": dx_dense, "embag": dx_embag, "csr": dx_csr, "native": dx_native}
+INPUT_GRAD: dict[str, ProductFn] = {
+    "dense": dx_dense, "embag": dx_embag, "csr": dx_csr, "native": dx_native, "chunked": dx_chunked,
+}
 WEIGHT_GRAD: dict[str, Callable[[Tensor, Tensor, Packed, int], Tensor]] = {
     "dense": dw_dense,
     "sampled": dw_sampled,

@@ -1,0 +1,300 @@
+"""Compressed N:M storage (issue: compressed training): values-only layers, slot-stable mask updates,
+the same results as dense storage, and everything users rely on still working."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import bame
+from bame import native
+from bame.compressed import CompressedNM, update_slots
+from bame.errors import CheckpointError, ConfigError
+from bame.kernels.conv import ConvGeometry, conv_dw, conv_dx, conv_forward
+from bame.kernels.linear import dx_chunked, fwd_chunked
+from bame.kernels.packed import pack
+from bame.kernels.plan import random_nm_mask
+from bame.nm import from_blocks, is_nm, kept_indices, to_blocks
+
+needs_cc = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=2, dilation=2),
+                         nn.ReLU(), nn.Conv2d(32, 32, 1, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, 10))
+
+
+def batch(kind: str, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + t)
+    if kind == "mlp":
+        return torch.randn(16, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
+    return torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+
+def optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
+def run(kind: str, method: str, storage: str, opt_name: str, steps: int, stop: int | None = None, **kw):
+    model = mlp() if kind == "mlp" else cnn()
+    opt = optimizer(model, opt_name)
+    options = {"delta_t": 5} if method in ("bame", "lma", "rigl_nm", "bame_bi") else {}
+    sp = bame.sparsify(model, opt, method, "2:8", total_steps=steps, verbose=False, storage=storage,
+                       **options, **kw)
+    losses = []
+    for t in range(steps if stop is None else stop):
+        x, y = batch(kind, t)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, sp, losses
+
+
+# ------------------------------------------------------------------------- the same results as dense
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind, method", [("mlp", "bame"), ("mlp", "bame_bi"), ("mlp", "rigl_nm"),
+                                          ("cnn", "bame"), ("mlp", "static"), ("cnn", "asp")])
+def test_compressed_training_equals_dense_storage(kind, method, opt_name):
+    """300 steps: identical masks, losses and weights within float tolerance (the products sum in
+    another order; dense products on the scattered weight give bit-identical numbers on the MLP)."""
+    steps = 300 if kind == "mlp" else 60
+    dense = run(kind, method, "dense", opt_name, steps)
+    comp = run(kind, method, "compressed", opt_name, steps)
+    assert comp[2].switched
+    for a, b in zip(dense[2].layers, comp[2].layers, strict=True):
+        assert torch.equal(a.mask, b.mask), a.name
+        assert b.compressed is not None and b.weight.shape == (b.num_blocks, 2)
+        assert torch.allclose(a.module.weight, b.module.weight, atol=1e-5), a.name
+    assert max(abs(x - y) for x, y in zip(dense[3], comp[3], strict=True)) < 1e-4
+    # the optimizer holds the values, and its state is slot-shaped
+    values = {id(layer.weight) for layer in comp[2].layers}
+    held = {id(p) for group in comp[1].param_groups for p in group["params"]}
+    assert values <= held
+    for layer in comp[2].layers:
+        for state in comp[1].state[layer.weight].values():
+            assert not torch.is_tensor(state) or state.dim() == 0 or state.shape == layer.weight.shape
+
+
+@needs_cc
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_native_products_train_as_dense(kind, monkeypatch):
+    """The native kernels forced for every product of every layer give the dense-storage results."""
+    from bame import compressed
+    from bame.kernels.conv import ConvPlan
+    from bame.kernels.plan import Plan
+
+    monkeypatch.setattr(compressed, "choose_plan", lambda *a, **k: Plan("chunked", "chunked", "native", reason="x"))
+    monkeypatch.setattr(compressed, "choose_conv_plan", lambda *a, **k: ConvPlan("native", "native", "native", "x"))
+    dense = run(kind, "bame", "dense", "sgd", 40)
+    comp = run(kind, "bame", "compressed", "sgd", 40, kernel="sparse")
+    notes = [row["kernel"] for row in comp[2].layer_report() if row["sparse"]]
+    assert all(note.startswith("compressed; ") for note in notes)
+    for a, b in zip(dense[2].layers, comp[2].layers, strict=True):
+        assert torch.equal(a.mask, b.mask)
+        assert torch.allclose(a.module.weight, b.module.weight, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ slot-stable updates
+def test_slot_stable_update_by_hand():
+    # 2 blocks of 4 at 2:4: slots hold positions [0, 2] and [1, 3]
+    storage = CompressedNM((1, 8), 2, 4, torch.tensor([[0, 2], [3, 1]]))
+    values = nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    opt = torch.optim.SGD([values], lr=0.1, momentum=0.9)
+    values.grad = torch.ones(2, 2)
+    opt.step()
+    new = torch.tensor([[True, True, False, False], [False, True, False, True]])  # block 0: 2 -> 1; block 1 same
+    flips = update_slots(storage, values, new, opt)
+    assert storage.indices.tolist() == [[0, 1], [3, 1]]  # position 1 took position 2's slot
+    assert values[0].tolist() == [pytest.approx(1.0 - 0.1), 0.0] and values[1, 0].item() == pytest.approx(2.9)
+    assert opt.state[values]["momentum_buffer"][0].tolist() == [1.0, 0.0]
+    assert int(flips) == 2 and torch.equal(storage.block_mask(), new)
+
+
+@given(st.integers(1, 3), st.sampled_from([4, 8]), st.integers(1, 20), st.integers(0, 1000))
+@settings(max_examples=30, deadline=None)
+def test_slot_stable_updates_keep_every_kept_value_in_its_slot(n, m, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = min(n, m - 1)
+    old = torch.rand(k, m, generator=g).argsort(1) < n
+    new = torch.rand(k, m, generator=g).argsort(1) < n
+    idx = kept_indices(old, n)[:, torch.randperm(n, generator=g)]  # any slot order
+    storage = CompressedNM((1, k * m), n, m, idx)
+    values = nn.Parameter(torch.randn(k, n, generator=g))
+    before = {(b, int(p)): float(values[b, s]) for b in range(k) for s, p in enumerate(idx[b])}
+    update_slots(storage, values.data, new, None)
+    assert torch.equal(storage.block_mask(), new)
+    for b in range(k):
+        for s, p in enumerate(storage.indices[b].tolist()):
+            expected = before.get((b, p), 0.0) if old[b, p] else 0.0
+            assert values[b, s].item() == expected
+
+
+# -------------------------------------------------------------------------- what users rely on
+def test_module_weight_state_dict_masks_print_and_squash():
+    model, opt, sp, _ = run("mlp", "bame", "compressed", "sgd", 30)
+    layer = sp.layers[0]
+    dense_view = layer.module.weight.detach()
+    assert dense_view.shape == (64, 32) and not dense_view[~layer.mask].any()
+    assert is_nm(sp.masks()["0.weight"], 2, 8)
+    state = model.state_dict()
+    assert state["0.parametrizations.weight.original"].shape == (64, 32)  # dense, as with dense storage
+    assert torch.equal(state["0.parametrizations.weight.original"], dense_view)
+    assert "density=0.2500" in repr(sp) and sp.layer_report()[0]["storage"] == "compressed"
+    x, _ = batch("mlp", 0)
+    before = model(x)
+    sp.squash()
+    assert type(model[0]) is nn.Linear and model[0].weight.shape == (64, 32)
+    assert torch.allclose(model(x), before, atol=1e-6)
+    assert opt.state[model[0].weight]["momentum_buffer"].shape == (64, 32)  # the optimizer still works
+    opt.step()
+
+
+@pytest.mark.parametrize("order", ["model first", "sparsifier first"])
+def test_resume_is_bit_exact_in_either_loading_order(order):
+    steps, split = 40, 23  # the switch at t_i = 13; resumed after it
+    full = run("mlp", "bame", "compressed", "adamw", steps)
+    model, opt, sp, head = run("mlp", "bame", "compressed", "adamw", steps, stop=split)
+    assert head == full[3][:split]
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sp.state_dict()))
+    assert saved[2]["switched"] and saved[2]["storage"] == "compressed"
+    model2 = mlp()
+    opt2 = optimizer(model2, "adamw")
+    sp2 = bame.sparsify(model2, opt2, "bame", "2:8", total_steps=steps, verbose=False, storage="compressed",
+                        delta_t=5)
+    if order == "model first":
+        model2.load_state_dict(saved[0])
+        sp2.load_state_dict(saved[2])
+    else:
+        sp2.load_state_dict(saved[2])
+        model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    for t in range(split, steps):
+        x, y = batch("mlp", t)
+        loss = F.cross_entropy(model2(x), y)
+        opt2.zero_grad()
+        loss.backward()
+        opt2.step()
+    for a, b in zip(full[2].layers, sp2.layers, strict=True):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.compressed.indices, b.compressed.indices)
+    assert loss.item() == full[3][-1]
+
+
+def test_static_is_compressed_from_the_start_and_resumes():
+    model, opt, sp, _ = run("mlp", "static", "compressed", "sgd", 10)
+    state = copy.deepcopy((model.state_dict(), opt.state_dict(), sp.state_dict()))
+    model2 = mlp()
+    opt2 = optimizer(model2, "sgd")
+    sp2 = bame.sparsify(model2, opt2, "static", "2:8", total_steps=10, verbose=False, storage="compressed")
+    assert sp2.switched  # from iteration 0
+    model2.load_state_dict(state[0])
+    sp2.load_state_dict(state[2])
+    opt2.load_state_dict(state[1])
+    assert all(torch.equal(a.weight, b.weight) for a, b in zip(sp.layers, sp2.layers, strict=True))
+
+
+def test_accumulation_scaler_clipping_and_schedules_work():
+    model = mlp()
+    opt = optimizer(model, "sgd")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
+    sp = bame.sparsify(model, opt, "bame", "2:8", total_steps=20, t_i=0, delta_t=2, verbose=False,
+                       storage="compressed")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for t in range(20):
+        opt.zero_grad()
+        for micro in range(2):  # gradient accumulation: two backwards, one step
+            x, y = batch("mlp", 2 * t + micro)
+            scaler.scale(F.cross_entropy(model(x), y) / 2).backward()
+        scaler.unscale_(opt)
+        total = nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # the values' (kept) gradients only
+        assert torch.isfinite(total)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+    # updates at t = 0, 2, ..., 12 (t_f = 2T/3 = 13), on both sparse layers
+    assert sp.step_count == 20 and sum(layer.stats["updates"] for layer in sp.layers) == 2 * 7
+    assert all(is_nm(layer.mask, 2, 8) for layer in sp.layers)
+
+
+def test_refusals_are_one_line_at_sparsify():
+    model = mlp()
+    opt = optimizer(model, "sgd")
+    for method in ("sr_ste", "bi_mask", "maxq", "lbc", "dense"):
+        with pytest.raises(ConfigError, match=f"method '{method}' cannot train with storage='compressed'"):
+            bame.sparsify(model, opt, method, "2:8", total_steps=10, verbose=False, storage="compressed")
+        assert not hasattr(model[0], "parametrizations")  # refused before any layer was touched
+    grouped = nn.Sequential(nn.Conv2d(16, 32, 3, groups=2), nn.Flatten(), nn.Linear(32, 2))
+    with pytest.raises(ConfigError, match="grouped convolution"):
+        bame.sparsify(grouped, torch.optim.SGD(grouped[0].parameters(), lr=0.1), "static", "2:8",
+                      layer_filter=lambda n, m: n == "0", verbose=False, storage="compressed")
+    with pytest.raises(ConfigError, match="group_axis='cin'"):
+        bame.sparsify(model, opt, "static", "2:8", group_axis="kflat", verbose=False, storage="compressed")
+    with pytest.raises(ConfigError, match="storage must be"):
+        bame.sparsify(model, opt, "static", "2:8", verbose=False, storage="sparse")
+
+
+def test_a_state_of_the_other_storage_is_refused():
+    model, opt, sp, _ = run("mlp", "bame", "compressed", "sgd", 20)
+    fresh = mlp()
+    other = bame.sparsify(fresh, optimizer(fresh, "sgd"), "bame", "2:8", total_steps=20, delta_t=5, verbose=False)
+    with pytest.raises(CheckpointError, match="storage='compressed', this run has 'dense'"):
+        other.load_state_dict(sp.state_dict())
+
+
+# ------------------------------------------------------------------------------- the native kernels
+@needs_cc
+@given(st.sampled_from([(1, 4), (2, 4), (1, 8), (2, 8), (1, 16)]), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 2), st.integers(1, 2), st.integers(3, 9), st.integers(3, 9), st.integers(0, 100))
+@settings(max_examples=25, deadline=None)
+def test_conv_kernels_equal_the_masked_dense_reference(nm, kernel, cin_blocks, padding, dilation, h, w, seed):
+    n, m = nm
+    g = torch.Generator().manual_seed(seed)
+    cin, out, batch_size = cin_blocks * m, 8, 2
+    if h + 2 * padding - dilation * (kernel - 1) < 1 or w + 2 * padding - dilation * (kernel - 1) < 1:
+        return
+    weight = torch.randn(out, cin, kernel, kernel, generator=g)
+    mask = from_blocks(torch.rand(weight.numel() // m, m, generator=g).argsort(1) < n, weight.shape, "cin")
+    wm = weight * mask
+    idx = kept_indices(to_blocks(mask, m, "cin"), n)
+    vals = to_blocks(wm, m, "cin").gather(1, idx)
+    x = torch.randn(batch_size, cin, h, w, generator=g, requires_grad=True)
+    ref_w = wm.clone().requires_grad_()
+    ref = F.conv2d(x, ref_w, None, 1, padding, dilation)
+    dy = torch.randn(ref.shape, generator=g)
+    ref.backward(dy)
+    geo = ConvGeometry(out, cin, kernel, kernel, h, w, (padding, padding), (dilation, dilation))
+    y, planes = conv_forward(x.detach(), vals, idx, geo, m)
+    assert torch.allclose(y, ref, atol=1e-4)
+    assert torch.allclose(conv_dx(dy, vals, idx, geo, m), x.grad, atol=1e-4)
+    assert torch.allclose(conv_dw(dy, planes, idx, geo, m), to_blocks(ref_w.grad, m, "cin").gather(1, idx), atol=1e-4)
+
+
+@needs_cc
+@pytest.mark.parametrize("shape, nm, tokens", [((64, 128), (1, 16), 70), ((128, 64), (2, 8), 33),
+                                               ((96, 1024), (1, 4), 16)])
+def test_chunked_linear_kernels_equal_the_reference(shape, nm, tokens):
+    g = torch.Generator().manual_seed(0)
+    out, in_ = shape
+    w = torch.randn(out, in_, generator=g)
+    mask = random_nm_mask(out, in_, *nm)
+    packed = pack(w, mask, *nm)
+    x, dy = torch.randn(tokens, in_, generator=g), torch.randn(tokens, out, generator=g)
+    assert torch.allclose(fwd_chunked(x, packed), x @ (w * mask).t(), atol=1e-4)
+    assert torch.allclose(dx_chunked(dy, packed), dy @ (w * mask), atol=1e-4)
