@@ -12,7 +12,7 @@ import bame
 from bame.errors import BameError
 
 #: Subcommand modules, in the order ``bame --help`` lists them.
-COMMANDS = ("train", "eval", "demo", "info", "flops", "report", "export")
+COMMANDS = ("train", "sweep", "eval", "demo", "info", "flops", "report", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
