@@ -166,6 +166,11 @@ class Method:
         """The proposed mask ``(K, M)`` on an evolution step. Default: the top-N of :meth:`score`."""
         return topn_mask(self.score(t, layer, w, g, old, lr), self.n)
 
+    def proposal_stats(self, t: int, layer: SparseLayer, w: torch.Tensor, g: torch.Tensor, old: torch.Tensor,
+                       lr: float) -> dict[str, float]:
+        """Statistics of an evolution step's scores, added to its event (LMA: how close regrowth comes)."""
+        return {}
+
     def restrict(self, t: int, layer: SparseLayer, old: torch.Tensor, proposal: torch.Tensor,
                  w: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The final mask ``(K, M)`` from a proposal, and the fraction of blocks held back. Default: all adapt."""

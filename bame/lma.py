@@ -15,6 +15,8 @@ eta*G, so eta*G^2 is not the exact gain there; bame keeps the paper's formula fo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bame import native
@@ -50,3 +52,26 @@ def propose(
     if 0 < n < m and native.ready(weight_blocks, grad_blocks, masks=(mask_blocks,), m=m):
         return native.lma_propose(weight_blocks, grad_blocks, mask_blocks, n, lr)  # the same, in one pass
     return topn_mask(scores(weight_blocks, grad_blocks, mask_blocks, lr), n)
+
+
+@torch.no_grad()
+def regrowth(
+    weight_blocks: torch.Tensor, grad_blocks: torch.Tensor, mask_blocks: torch.Tensor, n: int, lr: float
+) -> dict[str, float]:
+    """How close regrowth comes to winning in the blocks of one update: per block, the best score of a
+    pruned weight (``lr * G**2``) against the N-th best score of a kept one (``|G * W|``).
+
+    Returns:
+        ``regrow_share``: the fraction of blocks where the best pruned score beats the weakest kept score
+        (where LMA proposes a change); ``regrow_ratio``: the median over blocks of that ratio (1 = a tie).
+    """
+    m = weight_blocks.shape[-1]
+    mask_blocks = mask_blocks.bool()
+    s = scores(weight_blocks, grad_blocks, mask_blocks, lr)  # (K, M)
+    if not 0 < n < m:
+        return {"regrow_share": 0.0, "regrow_ratio": 0.0}
+    best_pruned = torch.where(mask_blocks, -math.inf, s).amax(dim=-1)  # (K,)
+    weakest_kept = torch.where(mask_blocks, s, math.inf).amin(dim=-1)  # (K,)
+    ratio = best_pruned / weakest_kept.clamp_min(torch.finfo(s.dtype).tiny)
+    return {"regrow_share": round(float((best_pruned > weakest_kept).float().mean()), 4),
+            "regrow_ratio": float(f"{float(ratio.median()):.4g}")}

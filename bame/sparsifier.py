@@ -411,7 +411,9 @@ class Sparsifier:
             if grad is None:
                 return
         w, g, old = layer.weight_blocks(), layer.blocks(grad), layer.blocks(layer.mask)  # (K, M)
-        proposal = self.method.propose(t, layer, w, g, old, self.lr_of(layer.weight))
+        lr = self.lr_of(layer.weight)
+        proposal = self.method.propose(t, layer, w, g, old, lr)
+        extra = self.method.proposal_stats(t, layer, w, g, old, lr)
         new, frozen_fraction = self.method.restrict(t, layer, old, proposal, w)
         per_block = block_flips(old, new)  # (K,) int32
         layer.state("sad").add_(per_block)
@@ -424,7 +426,8 @@ class Sparsifier:
         self.events.append({
             "step": t, "layer": layer.name, "updates": stats["updates"], "last_flips": stats["last_flips"],
             "total_flips": stats["total_flips"], "proposed_flips": int(torch.count_nonzero(proposal != old)),
-            "changed_blocks": int(torch.count_nonzero(per_block)), "frozen_fraction": frozen_fraction,
+            "changed_blocks": int(torch.count_nonzero(per_block)), "blocks": layer.num_blocks,
+            "frozen_fraction": frozen_fraction, **extra,
         })
 
     # -- the one mask-commit path ---------------------------------------------------------------------------
@@ -445,9 +448,9 @@ class Sparsifier:
             The changed entries as a 0-d int64 tensor on the mask's device (reading it syncs), or None.
         """
         storage = layer.compressed
-        if storage is not None:  # slot-stable: rewritten slots start at zero with zeroed optimizer state
-            if zero != "changed":
-                raise ValueError("a layer stored compressed changes its mask only with zero='changed'")
+        if storage is not None:
+            # Slot-stable: rewritten slots start at zero with zeroed optimizer state. Entries outside the mask
+            # are not stored, so every ``zero`` means the same here.
             blocks = new_mask if new_mask.shape != layer.shape else layer.blocks(new_mask)
             flips = compressed.update_slots(storage, layer.weight, blocks, self.optimizer)
             return flips if count else None

@@ -268,7 +268,7 @@ def test_a_step_with_a_closure_masks_the_closures_gradient():
         for _ in range(6):
             x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
 
-            def closure():
+            def closure(model=model, opt=opt, x=x, y=y, calls=calls):
                 calls.append(1)
                 opt.zero_grad()
                 loss = F.cross_entropy(model(x), y)
@@ -288,3 +288,14 @@ def test_a_step_with_a_closure_masks_the_closures_gradient():
     bame.sparsify(model, lbfgs, "static", "1:4", verbose=False)
     with pytest.raises(ConfigError, match="not LBFGS"):
         lbfgs.step(lambda: F.cross_entropy(model(torch.randn(2, 16)), torch.tensor([0, 1])))
+
+
+def test_lma_regrowth_statistics_by_hand():
+    from bame.lma import regrowth
+
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [2.0, 0.0, 0.0, 1.0]])
+    g = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 4.0, 0.0, 1.0]])
+    mask = torch.tensor([[False, False, True, True], [True, False, False, True]])
+    # block 0: kept |G W| = 3, 4; pruned 0.5 G^2 = 0.5: ratio 0.5 / 3. Block 1: kept 2, 1; pruned 8, 0: ratio 8.
+    stats = regrowth(w, g, mask, 2, 0.5)
+    assert stats == {"regrow_share": 0.5, "regrow_ratio": float(f"{0.5 / 3:.4g}")}  # median: the lower middle

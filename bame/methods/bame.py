@@ -99,6 +99,10 @@ class BlockEvolution(Method):
     def propose(self, t: int, layer, w: torch.Tensor, g: torch.Tensor, old: torch.Tensor, lr: float) -> torch.Tensor:
         return lma.propose(w, g, old, self.n, lr)
 
+    def proposal_stats(self, t: int, layer, w: torch.Tensor, g: torch.Tensor, old: torch.Tensor,
+                       lr: float) -> dict[str, float]:
+        return lma.regrowth(w, g, old, self.n, lr)
+
 
 class WithObf(BlockEvolution):
     """BlockEvolution whose proposals OBF restricts (Eq. 7-10)."""

@@ -91,3 +91,7 @@ class RiglNm(BlockEvolution):
         if self.options.mode == "every_block":
             return every_block_rule(w, g, old)
         return fraction_rule(w, g, old, self.n, drop_fraction(t, self.t_i, self.t_f, self.options.alpha))
+
+    def proposal_stats(self, t: int, layer, w: torch.Tensor, g: torch.Tensor, old: torch.Tensor,
+                       lr: float) -> dict[str, float]:
+        return {}  # not LMA's scores

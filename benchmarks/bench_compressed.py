@@ -1,0 +1,307 @@
+"""Compressed N:M training against dense training: whole steps, peak memory, and a whole run.
+
+The targets of compressed storage (``bame.sparsify(..., storage="compressed")``), measured here:
+
+* ``mlp``: the transformer-style MLP stack (``--depth`` pre-norm blocks 1024 -> 4096 -> 1024, 256 token rows,
+  every Linear sparse), whole training step (forward, backward, SGD step, mask upkeep) against dense
+  training of the same model with the same optimizer: 1:16 >= 2.5x (static) and >= 2.3x (BAME, its update
+  iteration amortised over delta_t = 100); 1:8 >= 1.6x; 1:4 >= 1.15x; 2:4 never below 0.97x.
+* ``resnet32``: the paper's ResNet-32 (width 2) on CIFAR-shaped batches of 128 at 1:16, against dense in its
+  fastest memory layout (NCHW or channels_last, whichever is faster here): >= 1.5x.
+* ``vit``: ``vit_tiny`` (4x4 patches, 65 tokens per image, batch 128) at 1:16: >= 1.5x.
+* ``memory``: peak training memory of the MLP at 1:16, each variant in a fresh process: <= 0.5x dense.
+
+Every candidate of a part runs interleaved (:func:`common.time_round_robin`), median of ``--repeats`` after
+the warm-up (which also times every layer's plan). The BAME candidates start compressed (``t_i = 0``); the
+harness sets the iteration by hand before each timed step (ordinary: t = 101; update: t = 100) and
+prepares it, as the step post-hook does in training.
+
+    python benchmarks/bench_compressed.py --repeats 10 --out results/bench_compressed.json
+    python benchmarks/bench_compressed.py --quick --out /tmp/bench_compressed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import common
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bame
+from bame import models, native
+
+PATTERNS = ("1:16", "1:8", "1:4", "2:4")
+MLP_TARGETS = {"1:16": {"static": 2.5, "bame": 2.3}, "1:8": {"static": 1.6, "bame": 1.6},
+               "1:4": {"static": 1.15, "bame": 1.15}, "2:4": {"static": 0.97, "bame": 0.97}}
+MODEL_TARGET = 1.5  # resnet32 and vit at 1:16
+MEMORY_TARGET = 0.5
+EVOLUTION = {"t_i": 0, "t_f": common.TOTAL_STEPS, "delta_t": common.DELTA_T}
+
+
+class Block(nn.Module):
+    """Pre-norm MLP block: ``x + fc2(gelu(fc1(norm(x))))``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(ap, "results/bench_compressed.json", default_repeats=10)
+    ap.add_argument("--parts", default="mlp,resnet32,vit,memory", help="comma-separated parts")
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help="N:M patterns of the mlp part")
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128, help="images per batch (resnet32, vit)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--memory-child", default="", help=argparse.SUPPRESS)  # internal: one memory measurement
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.dim, args.hidden, args.depth, args.tokens, args.batch = 32, 64, 1, 16, 4
+        args.repeats, args.warmup, args.patterns = min(args.repeats, 2), 1, "1:16"
+    return args
+
+
+# -- candidates -------------------------------------------------------------------------------------------
+def trainee(base: nn.Module, method: str | None, nm: str, layer_filter: Any = None,
+            channels_last: bool = False) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    """A copy of ``base`` with SGD and, for a method, compressed storage with planned sparse products."""
+    model = copy.deepcopy(base).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=common.LR, momentum=common.MOMENTUM,
+                          weight_decay=common.WEIGHT_DECAY)
+    if method is None:
+        return model, opt, None
+    options = EVOLUTION if method == "bame" else {}
+    sp = bame.sparsify(model, opt, method, nm, total_steps=common.TOTAL_STEPS, storage="compressed",
+                       verbose=False, layer_filter=layer_filter, **options)
+    return model, opt, sp
+
+
+def step_fn(model: nn.Module, opt: Any, sp: Any, x: torch.Tensor, target: torch.Tensor, loss: str,
+            t: int | None = None) -> Callable[[], None]:
+    """One whole training step; for BAME the iteration t is set and prepared first (harness only)."""
+
+    def run() -> None:
+        if sp is not None and t is not None:
+            sp.step_count = t
+            sp.prepare(t)
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        (F.mse_loss(out, target) if loss == "mse" else F.cross_entropy(out, target)).backward()
+        opt.step()
+
+    return run
+
+
+def candidates(base: nn.Module, nm: str, x: torch.Tensor, target: torch.Tensor, loss: str,
+               layer_filter: Any = None, layouts: bool = False) -> tuple[dict[str, Callable[[], None]], dict]:
+    cands, sparsifiers = {}, {}
+    for layout in (("dense", False), ("dense/channels_last", True)) if layouts else (("dense", False),):
+        model, opt, _ = trainee(base, None, nm, channels_last=layout[1])
+        xx = x.contiguous(memory_format=torch.channels_last) if layout[1] else x
+        cands[layout[0]] = step_fn(model, opt, None, xx, target, loss)
+    for name, t in (("static", None), ("bame", common.DELTA_T + 1), ("bame/update", common.DELTA_T)):
+        model, opt, sp = trainee(base, name.split("/")[0], nm, layer_filter)
+        sparsifiers[name] = sp
+        cands[name] = step_fn(model, opt, sp, x, target, loss, t)
+    return cands, sparsifiers
+
+
+def time_part(cands: dict[str, Callable[[], None]], sparsifiers: dict, args: argparse.Namespace) -> dict[str, Any]:
+    load = list(os.getloadavg())
+    samples = common.time_round_robin(cands, args.repeats, args.warmup,
+                                      on_round=lambda r: [sp.pop_events() for sp in sparsifiers.values()])
+    dense_key = min((k for k in samples if k.startswith("dense")), key=lambda k: common.median(samples[k]))
+    dense = common.median(samples[dense_key])
+    rec: dict[str, Any] = {"dense": dense_key, "dense_ms": dense,
+                           "ms": {k: common.median(v) for k, v in samples.items()}, "samples_ms": samples,
+                           "loadavg": {"before": load, "after": list(os.getloadavg())}}
+    bame_ms = ((common.DELTA_T - 1) * rec["ms"]["bame"] + rec["ms"]["bame/update"]) / common.DELTA_T
+    rec["speedup"] = {"static": dense / rec["ms"]["static"], "bame": dense / bame_ms,
+                      "bame_ordinary": dense / rec["ms"]["bame"]}
+    rec["plans"] = {r["name"]: r["kernel"] for r in sparsifiers["static"].layer_report() if r["sparse"]}
+    return rec
+
+
+def mlp_part(args: argparse.Namespace) -> dict[str, Any]:
+    out = {}
+    for nm in [p.strip() for p in args.patterns.split(",") if p.strip()]:
+        torch.manual_seed(0)
+        base = nn.Sequential(*[Block(args.dim, args.hidden) for _ in range(args.depth)])
+        g = torch.Generator().manual_seed(1)
+        x, target = torch.randn(args.tokens, args.dim, generator=g), torch.randn(args.tokens, args.dim, generator=g)
+        every_linear = lambda name, module: isinstance(module, nn.Linear)  # noqa: E731
+        cands, sps = candidates(base, nm, x, target, "mse", every_linear)
+        common.log(f"mlp {nm}: {len(cands)} candidates")
+        out[nm] = time_part(cands, sps, args)
+    return out
+
+
+def model_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    image = 8 if args.quick else 32
+    if name == "resnet32":
+        base = models.create("resnet32", num_classes=10, width=1 if args.quick else 2, image_size=image)
+    else:
+        base = models.create("vit_tiny", num_classes=10, image_size=image, patch_size=4,
+                             **({"depth": 1} if args.quick else {}))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, image, image, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    cands, sps = candidates(base, "1:16" if not args.quick else "1:4", x, y, "ce", layouts=name == "resnet32")
+    common.log(f"{name}: {len(cands)} candidates")
+    return time_part(cands, sps, args)
+
+
+# -- memory: one fresh process per variant ------------------------------------------------------------------
+def memory_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak RSS of training the MLP (a few steps) over the RSS before the model exists."""
+    torch.manual_seed(0)
+    warm = nn.Sequential(Block(32, 64))  # load the code paths and their one-time buffers first
+    for name in (None, "static", "bame"):
+        model, opt, sp = trainee(warm, name, "1:16", lambda n, m: isinstance(m, nn.Linear))
+        for t in (common.DELTA_T + 1, common.DELTA_T):
+            step_fn(model, opt, sp, torch.randn(8, 32), torch.randn(8, 32), "mse", None if sp is None else t)()
+    del warm, model, opt, sp
+    base_kb = _rss_kb()
+    reset_peak = _peak_kb()
+    torch.manual_seed(0)
+    base = nn.Sequential(*[Block(args.dim, args.hidden) for _ in range(args.depth)])
+    x, target = torch.randn(args.tokens, args.dim), torch.randn(args.tokens, args.dim)
+    method = None if variant == "dense" else variant
+    model, opt, sp = trainee(base, method, "1:16", lambda n, m: isinstance(m, nn.Linear))
+    del base
+    fns = [step_fn(model, opt, sp, x, target, "mse", t) for t in ((None,) if method != "bame"
+                                                               else (common.DELTA_T + 1, common.DELTA_T))]
+    for _ in range(3):
+        for fn in fns:
+            fn()
+    return {"variant": variant, "baseline_mb": base_kb / 1024, "peak_mb": _peak_kb() / 1024,
+            "training_mb": (_peak_kb() - base_kb) / 1024, "peak_before_build_mb": reset_peak / 1024}
+
+
+def _rss_kb() -> float:
+    with open("/proc/self/status") as f:
+        return float(next(line.split()[1] for line in f if line.startswith("VmRSS")))
+
+
+def _peak_kb() -> float:
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def memory_part(args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(max(1, min(args.repeats, 3))):
+        for variant in ("dense", "static", "bame"):
+            flags = ["--dim", str(args.dim), "--hidden", str(args.hidden), "--depth", str(args.depth),
+                     "--tokens", str(args.tokens), "--memory-child", variant, "--out", ""]
+            done = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, check=True)
+            runs.setdefault(variant, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    training = {v: common.median([r["training_mb"] for r in rs]) for v, rs in runs.items()}
+    return {"training_mb": training, "ratio": {v: training[v] / training["dense"] for v in training},
+            "runs": runs}
+
+
+# -- report -----------------------------------------------------------------------------------------------
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+
+    def add(name: str, value: float, limit: float, higher: bool = True) -> None:
+        out.append({"target": name, "value": value, "limit": limit,
+                    "pass": bool(value >= limit if higher else value <= limit)})
+
+    for nm, rec in result.get("mlp", {}).items():
+        for method, limit in MLP_TARGETS.get(nm, {}).items():
+            add(f"mlp {nm} {method} whole step >= {limit}x dense", rec["speedup"][method], limit)
+    for part in ("resnet32", "vit"):
+        if part in result:
+            add(f"{part} 1:16 static whole step >= {MODEL_TARGET}x dense ({result[part]['dense']})",
+                result[part]["speedup"]["static"], MODEL_TARGET)
+            add(f"{part} 1:16 bame (amortised) >= {MODEL_TARGET}x dense", result[part]["speedup"]["bame"],
+                MODEL_TARGET)
+    if "memory" in result:
+        for v in ("static", "bame"):
+            add(f"mlp 1:16 {v} peak training memory <= {MEMORY_TARGET}x dense", result["memory"]["ratio"][v],
+                MEMORY_TARGET, higher=False)
+    return out
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    print(f"bench_compressed  torch {m['torch']}  threads {m['threads']}  cpu {m.get('cpu', '?')}  "
+          f"native kernels: {result['config']['native']}")
+    for nm, rec in result.get("mlp", {}).items():
+        print(f"\nmlp {nm} ({result['config']['depth']} blocks {result['config']['dim']}->"
+              f"{result['config']['hidden']}, {result['config']['tokens']} tokens): dense {rec['dense_ms']:.1f} ms")
+        rows = [[k, v, rec["dense_ms"] / v] for k, v in rec["ms"].items()]
+        print(common.format_table(["variant", "ms", "dense/variant"], rows))
+        print(f"  speed-up: static {rec['speedup']['static']:.2f}x, bame amortised {rec['speedup']['bame']:.2f}x")
+        for name, note in rec["plans"].items():
+            print(f"    {name}: {note}")
+    for part in ("resnet32", "vit"):
+        if part in result:
+            rec = result[part]
+            print(f"\n{part} 1:16 (batch {result['config']['batch']}): dense = {rec['dense']} {rec['dense_ms']:.0f} ms")
+            rows = [[k, v, rec["dense_ms"] / v] for k, v in rec["ms"].items()]
+            print(common.format_table(["variant", "ms", "dense/variant"], rows))
+            print(f"  speed-up: static {rec['speedup']['static']:.2f}x, bame amortised {rec['speedup']['bame']:.2f}x")
+            for name, note in rec["plans"].items():
+                print(f"    {name}: {note}")
+    if "memory" in result:
+        mem = result["memory"]
+        print("\nmlp 1:16 peak training memory (MB over the RSS before the model was built)")
+        print(common.format_table(["variant", "training MB", "x dense"],
+                                  [[v, mem["training_mb"][v], mem["ratio"][v]] for v in mem["training_mb"]]))
+    print("\ntargets:")
+    for t in result["targets"]:
+        print(f"  [{'PASS' if t['pass'] else 'FAIL'}] {t['target']}: {t['value']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    common.apply_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args)))
+        return {}
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    result: dict[str, Any] = {
+        "benchmark": "bench_compressed", "machine": common.machine_info(),
+        "config": {"dim": args.dim, "hidden": args.hidden, "depth": args.depth, "tokens": args.tokens,
+                   "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+                   "delta_t": common.DELTA_T, "lr": common.LR, "momentum": common.MOMENTUM,
+                   "weight_decay": common.WEIGHT_DECAY,
+                   "native": "available" if native.available() else native.unavailable_reason()},
+    }
+    if "mlp" in parts:
+        result["mlp"] = mlp_part(args)
+    for part in ("resnet32", "vit"):
+        if part in parts:
+            result[part] = model_part(part, args)
+    if "memory" in parts:
+        result["memory"] = memory_part(args)
+    result["targets"] = targets(result)
+    result["bame_source_end"] = common.check_source(result["machine"]["bame_source"])
+    common.write_json(args.out, result)
+    print_tables(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
