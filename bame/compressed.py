@@ -87,6 +87,7 @@ class CompressedNM(nn.Module):
         self.plan: Any = None  # the Linear kernels' plan (bame.kernels.choose_plan), chosen at the first forward
         self.pending: Tensor | None = None  # a dense weight loaded before the slots (see load_pending)
         self.plan_kernels = False
+        self._inference: tuple[tuple, Tensor] | None = None
         self.kernel_grads: list = []
         self._cache: dict[str, tuple[int, Tensor]] = {}
 
@@ -143,6 +144,14 @@ class CompressedNM(nn.Module):
         return structure.with_values(values.reshape(out, -1, self.n))
 
     @torch.no_grad()
+    def inference_weight(self, values: Tensor) -> Tensor:
+        """The dense weight for inference, kept until the values or the slots change."""
+        key = (values.data_ptr(), values._version, self.indices._version)
+        if self._inference is None or self._inference[0] != key:
+            self._inference = (key, self.dense(values.detach()))
+        return self._inference[1]
+
+    @torch.no_grad()
     def load_pending(self, values: Tensor) -> None:
         """Gather a dense weight loaded by ``model.load_state_dict`` before the sparsifier state set the slots
         (either order of loading gives the same values)."""
@@ -167,10 +176,17 @@ class CompressedNM(nn.Module):
 
 
 def _product(storage: CompressedNM) -> Any:
-    """The forward of a compressed module (installed as the parametrization's ``forward_impl``)."""
+    """The forward of a compressed module (installed as the parametrization's ``forward_impl``). Under
+    ``torch.compile`` the module runs eagerly (:func:`_run_eagerly_under_compile`): its products call the
+    native kernels, and its weight gradient feeds the storage's mask updates."""
 
     def forward(module: nn.Module, x: Tensor) -> Tensor:
         values = module.parametrizations.weight.original
+        if not torch.is_grad_enabled() and (storage.plan is None or storage.plan.fwd == "dense"):
+            weight = storage.inference_weight(values).to(x.dtype)  # scattered once per change of W or B
+            if isinstance(module, nn.Linear):
+                return torch.nn.functional.linear(x, weight, module.bias)
+            return module._conv_forward(x, weight, module.bias)
         if isinstance(module, nn.Linear):
             if storage.plan is None and storage.plan_kernels:
                 out, in_ = storage.shape
@@ -183,6 +199,22 @@ def _product(storage: CompressedNM) -> Any:
                                module.dilation, storage.plan)
 
     return forward
+
+
+_EAGER: dict[type, type] = {}
+
+
+def _run_eagerly_under_compile(module: nn.Module) -> None:
+    """Make the module's forward opaque to ``torch.compile`` (one graph break at the module's call, no
+    tracing into it), so every compressed layer is the same break and nothing recompiles per layer."""
+    cls = type(module)
+    if getattr(cls, "_bame_eager", False):
+        return
+    eager = _EAGER.get(cls)
+    if eager is None:
+        eager = _EAGER[cls] = type(cls.__name__, (cls,), {"forward": torch.compiler.disable(cls.forward),
+                                                          "_bame_eager": True})
+    module.__class__ = eager
 
 
 def _state_dict_hook(storage: CompressedNM):
@@ -239,6 +271,7 @@ def compress(module: nn.Module, mask: Tensor, n: int, m: int, optimizer: torch.o
     plist.original = values_param
     storage.forward_impl = _product(storage)
     plist[0] = storage
+    _run_eagerly_under_compile(module)
     plist._register_state_dict_hook(_state_dict_hook(storage))
     plist._register_load_state_dict_pre_hook(_load_pre_hook(storage))
     return storage

@@ -59,6 +59,7 @@ class NMMask(nn.Module):
         #: then W itself and is skipped (one weight-sized multiply and allocation less per forward).
         self.weights_pruned = False
         self._factor_cache: tuple[tuple, torch.Tensor] | None = None
+        self._inference_cache: tuple[tuple, torch.Tensor] | None = None
         #: ``(data_ptr, version, numel)`` of weight gradients the sparse kernels produced already masked by
         #: this mask (see :meth:`grad_is_masked`); filled by their backward, cleared by every forward.
         self.kernel_grads: list[tuple[int, int, int]] = []
@@ -125,10 +126,26 @@ class NMMask(nn.Module):
             self.bwd_mask.copy_(bwd_mask)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # One graph for every phase of the schedule: the multiply is fused, and nothing is guarded on
+            # the mask's storage or on Python flags that change mid-run.
+            factor = self.mask.to(weight.dtype) if self.scale is None else self.scale
+            return _StraightThrough.apply(weight, factor)
         if self.scale is None and self.weights_pruned:
             return weight  # W * B == W exactly; autograd gives W the dense G, as the STE does
+        if not torch.is_grad_enabled():  # inference: W * B once per change of W or B, not per forward
+            return self._inference_weight(weight)
         factor = self.mask_as(weight) if self.scale is None else self.scale
         return _StraightThrough.apply(weight, factor)
+
+    def _inference_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        source = self.mask if self.scale is None else self.scale
+        key = (weight.data_ptr(), weight._version, source.data_ptr(), source._version, weight.dtype)
+        cached = self._inference_cache
+        if cached is None or cached[0] != key:
+            factor = self.mask_as(weight) if self.scale is None else self.scale
+            cached = self._inference_cache = (key, weight * factor)
+        return cached[1]
 
 
 def _sparse_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

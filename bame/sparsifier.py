@@ -671,6 +671,13 @@ class Sparsifier:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel, so names match the user's model."""
+    """The user's model inside a DistributedDataParallel / DataParallel wrapper or a ``torch.compile``
+    wrapper (``_orig_mod``), so names match the user's model."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # torch.compile(model)
+        else:
+            return model

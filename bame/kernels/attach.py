@@ -63,6 +63,8 @@ class _LayerKernel:
         return self.packed is not None
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the compiled masked products (fused): the kernels are eager code
+            return default_forward(module, x)
         t = self.sparsifier.step_count
         sink = self.layer.par.kernel_grad_sink()  # only this forward's backward may vouch for the gradient
         is_conv = isinstance(module, nn.Conv2d)
