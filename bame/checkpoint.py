@@ -1,7 +1,8 @@
 """Checkpoints: atomic writes, safe loads, and the exported weights.
 
 * A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed over
-  the old one (``os.replace`` is atomic), so a crash at any point leaves the last good checkpoint.
+  the old one (``os.replace`` is atomic), so a crash at any point leaves the last good checkpoint. Every
+  file gets the mode ``open()`` gives: 0666 less the user's umask.
 * Loading never executes code: ``torch.load(..., weights_only=True)``. A checkpoint holds only tensors
   and plain Python values.
 * ``model.safetensors`` holds the final effective weights under their ``state_dict()`` names, and each
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,27 @@ CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
 
 
+def _temp_file(path: Path) -> tuple[int, Path]:
+    """A new temp file ``.NAME.XXXXXXXX.tmp`` beside ``path``, opened for writing.
+
+    Created with mode 0666 less the user's umask, as ``open()`` creates files (``mkstemp``'s 0600 would make
+    the checkpoint private while ``config.yaml`` beside it is not: every file bame writes gets one mode).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 def atomic_write(path: str | Path, write: Any) -> None:
     """Write a file atomically: ``write(file_object)`` fills a temp file that then replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

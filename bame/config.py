@@ -1,10 +1,11 @@
 """One typed config: the single source of defaults, types and help for the API, the CLI flags and the recipes.
 
-A recipe states only what differs from these defaults; command-line flags given explicitly override the
-recipe. Every value is checked when the config is built (:func:`build`), the method's options included, so
-a wrong value fails before any data set is read or any worker process is started. The fully resolved
-config, with the method's options resolved to iterations, is written into every run directory as
-``config.yaml``.
+A new run's config is layered (:func:`build_run`): these defaults < the data set's defaults (a batch size,
+epochs and BAME's ``delta_t`` that suit it, see :class:`bame.data.DatasetSpec`) < a recipe, which states only
+what differs < the flags given explicitly on the command line. Every value is checked when the config is
+built (:func:`build`), the method's options included, so a wrong value fails before any data set is read or
+any worker process is started. The fully resolved config, with the method's options resolved to
+iterations, is written into every run directory as ``config.yaml``; ``--resume`` starts from it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class TrainConfig:
                                             default_factory=dict)
     epochs: int = option(10, "nominal epochs", low=1)
     batch_size: int = option(256, "global batch size over all processes (the paper: 256)", low=1)
-    optimizer: str = option("sgd", "sgd or adamw", choices=OPTIMIZERS)
+    optimizer: str = option("sgd", "the optimizer: SGD with momentum, or AdamW", choices=OPTIMIZERS)
     lr: float = option(0.1, "peak learning rate, cosine annealing (the paper: 0.1)", above=0.0)
     momentum: float = option(0.9, "SGD momentum", low=0.0)
     nesterov: bool = option(False, "Nesterov momentum (SGD)")
@@ -48,8 +49,10 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", low=0.0, high=1.0)
     warmup_epochs: float = option(0.0, "linear learning-rate warm-up, in epochs", low=0.0)
     seed: int = option(0, "seed of the weights, the data order and the method's random choices", low=0)
-    max_steps: int | None = option(None, "stop after K steps; the schedules are fitted to K", low=1)
-    data_dir: str | None = option(None, "where the dataset files are")
+    max_steps: int | None = option(None, "stop after N steps; the schedules are fitted to N (default: no cap)",
+                                   low=1)
+    data_dir: str | None = option(None, "where the dataset files are (default: ./data, then the system's copy; a "
+                                        "directory given must exist)")
     download: bool = option(False, "download the dataset when missing (cifar10, fashion-mnist)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     workers: int = option(0, "data-loading worker processes (ImageNet)", low=0)
@@ -108,6 +111,55 @@ def build(*layers: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig(**merged, **nested)
     validate(cfg)
     return cfg
+
+
+def dataset_defaults(dataset: str, method: str) -> dict[str, Any]:
+    """A data set's defaults for a run of ``method``: its method options only where the method has them.
+
+    Raises:
+        DataError: an unknown data set.
+        ConfigError: an unknown method.
+    """
+    from bame import data, methods
+
+    defaults = dict(data.get_spec(dataset).defaults)
+    known = {f.name for f in dataclasses.fields(methods.get(method).Options)}
+    options = {k: v for k, v in defaults.pop("method_options", {}).items() if k in known}
+    return {**defaults, "method_options": options} if options else defaults
+
+
+def build_run(*layers: dict[str, Any]) -> TrainConfig:
+    """A new run's config: TrainConfig defaults < the data set's defaults < ``layers`` (a recipe, then the
+    flags given), each layer merged as in :func:`build`; the data set and method are the layers' own."""
+    chosen = {"dataset": default_of(FIELDS["dataset"]), "method": default_of(FIELDS["method"])}
+    for layer in layers:
+        chosen.update({k: layer[k] for k in chosen if layer.get(k) is not None})
+    return build(dataset_defaults(chosen["dataset"], chosen["method"]), *layers)
+
+
+def load_run(out: str | Path) -> dict[str, Any] | None:
+    """The options in a run directory's ``config.yaml`` (what ``--resume`` starts from), None if it has none."""
+    path = Path(out) / "config.yaml"
+    return load_recipe(path) if path.is_file() else None
+
+
+def pins(method: str, old: dict[str, Any], new: dict[str, Any], step: int) -> dict[str, int]:
+    """When a run is extended at ``step``: its schedule points (the method's iteration options) that it has
+    passed and that the longer run would move, at the iteration where they happened.
+
+    A point given as a fraction of T moves when T grows; one the run has already passed stays where it was,
+    so an extended run never goes back to an earlier phase (BAME's gradual phase, ASP's dense phase).
+
+    Args:
+        method: the method's name.
+        old: its resolved options for the run's length so far (iterations).
+        new: its resolved options for the new length.
+        step: the next iteration of the run.
+    """
+    from bame import methods
+
+    steps = [f.name for f in dataclasses.fields(methods.get(method).Options) if f.metadata.get("step")]
+    return {k: old[k] for k in steps if old[k] < step and new[k] != old[k]}
 
 
 def validate(cfg: TrainConfig) -> None:

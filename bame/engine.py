@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import signal
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -169,6 +170,47 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
         # The checkpoint's own structure is wrong (it loaded, so it is not truncated): say so in one line.
         raise CheckpointError(f"checkpoint is malformed: {type(err).__name__}: {err}") from None
+
+
+def extend(run: Run, state: dict[str, Any]) -> tuple[Run, dict[str, Any], bool]:
+    """Resuming with more ``epochs`` than the checkpoint's run: the run, rebuilt for the longer length T.
+
+    The cosine LR and every schedule point given as a fraction of T are re-resolved for the new T, so the
+    rest of the run follows the schedule of a run of the new length; points the run has already passed
+    stay at the iteration where they happened (:func:`bame.config.pins`, written into ``config.yaml`` as
+    iterations), so it never goes back to an earlier phase. A shorter run is refused; any other difference
+    is left to :func:`restore`, which refuses it.
+
+    Returns:
+        ``(run, state, lengthened)``: the run to restore into (rebuilt when points were pinned), the state
+        with the lengthened config, and whether the run was lengthened.
+    """
+    saved, cfg, sparsifier = state.get("config"), run.cfg, state.get("sparsifier")
+    step = sparsifier.get("step") if isinstance(sparsifier, dict) else None
+    if not isinstance(saved, dict) or not isinstance(step, int) or saved.get("epochs") in (None, cfg.epochs):
+        return run, state, False
+    old_cfg, spe = config.build(saved), len(run.train_loader)
+    old_total = run_lengths(old_cfg, spe)[0]
+    old = create_method(old_cfg.method, old_cfg.nm, old_total, seed=old_cfg.seed, steps_per_epoch=spe,
+                        **old_cfg.method_options).resolved_options()
+    # Points pinned by an earlier lengthening whose first checkpoint never came (config.yaml has them).
+    pinned = {k: v for k, v in cfg.method_options.items() if old_cfg.method_options.get(k) != v and old.get(k) == v}
+    expected = {**saved, "epochs": cfg.epochs, "method_options": {**old_cfg.method_options, **pinned}}
+    if config.differences(expected, cfg.to_dict()):
+        return run, state, False
+    if cfg.epochs < old_cfg.epochs:
+        raise CheckpointError(f"--epochs {cfg.epochs} is fewer than the run's {old_cfg.epochs}: a run can be "
+                              "lengthened on --resume, not shortened")
+    if run.total_steps <= old_total:
+        raise CheckpointError(f"--epochs {cfg.epochs} does not lengthen the run: max_steps={cfg.max_steps} keeps "
+                              f"it at {old_total} steps")
+    pinning = config.pins(cfg.method, old, run.sparsifier.method.resolved_options(), step)
+    if pinning:
+        run = build(config.build(cfg.to_dict(), {"method_options": pinning}), run.out, run.info)
+    if run.info.is_main:
+        log.info("lengthening the run from %d to %d steps at step %d%s", old_total, run.total_steps, step,
+                 f"; schedule points passed stay: {pinning}" if pinning else "")
+    return run, {**state, "config": run.cfg.to_dict()}, True
 
 
 def _load_states(run: Run, state: dict[str, Any]) -> None:
@@ -403,15 +445,33 @@ def _print_epoch(run: Run, row: dict[str, Any], epochs: int) -> None:
 
 
 def check_out(out: Path, resume: bool, force: bool) -> None:
-    """Refuse an output directory that holds another run, unless resuming or forced (changes nothing)."""
+    """Refuse an output directory that holds another run, unless resuming or forced, or where no run can be
+    written (changes nothing)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a directory")
+    _check_writable(out)
     existing = [name for name in RUN_FILES if (out / name).exists()]
     if existing and not resume and not force:
         raise ConfigError(f"{out} already holds a run ({', '.join(existing)}): use --resume to continue it "
                           "or --force to overwrite it")
     if resume and not (out / checkpoint.CHECKPOINT).exists():
         raise CheckpointError(f"--resume: no checkpoint in {out}")
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before any data is read, an ``out`` where no file can be created: the nearest existing
+    directory on its path must take a file (a probe created and removed at once; a permission check alone
+    would pass for root in ``/proc`` and ``/sys``)."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out}: {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create files in {probe} ({err.strerror or err})") from None
 
 
 def prepare_out(out: Path, resume: bool, force: bool) -> None:
@@ -441,16 +501,20 @@ def fit(cfg: config.TrainConfig, out: str | Path, resume: bool = False, force: b
             except BameError as err:
                 refusal = err
         distributed.raise_together(refusal, info)
+        state = checkpoint.load(out / checkpoint.CHECKPOINT, map_location=info.device) if resume else None
         run = build(cfg, out, info)
-        if resume:
-            restore(run, checkpoint.load(out / checkpoint.CHECKPOINT, map_location=info.device))
+        lengthened = False
+        if state is not None:
+            run, state, lengthened = extend(run, state)
+            restore(run, state)
         if info.is_main:  # only now, with every input checked, is anything in ``out`` changed
             prepare_out(out, resume, force)
             if resume:
                 _truncate_log(out / "metrics.jsonl", "epoch", run.epoch + 1)
                 _truncate_log(out / "updates.jsonl", "step", run.sparsifier.step_count)
-            else:
-                (out / "config.yaml").write_text(config.dump(cfg, resolved_config(run)))
+            if not resume or lengthened:
+                text = config.dump(run.cfg, resolved_config(run)).encode()
+                checkpoint.atomic_write(out / "config.yaml", lambda f: f.write(text))
         return _loop(run)
     finally:
         distributed.shutdown(info)

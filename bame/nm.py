@@ -146,6 +146,8 @@ def topn_mask(scores: torch.Tensor, n: int, magnitude: bool = False) -> torch.Te
         return fast.view(k, m)
     if magnitude:
         scores = scores.abs()
+    if scores.device.type != "cpu":  # one sort: no data-dependent branch, so no host sync on an accelerator
+        return mask.scatter_(-1, sorted_blocks(scores).indices[:, :n], True)
     if m <= _PAIRWISE_MAX_M and _no_nan(scores):
         return _topn_round_robin(scores.unsqueeze(-1), n).squeeze(-1)
     if n <= _ARGMAX_MAX_N and scores.is_floating_point() and not torch.isneginf(scores).any():
@@ -263,7 +265,7 @@ def topn_mask_grouped(scores: torch.Tensor, n: int, magnitude: bool = False) -> 
             return fast
     if magnitude:
         scores = scores.abs()
-    if m <= _PAIRWISE_MAX_M and 0 < n < m and _no_nan(scores):
+    if m <= _PAIRWISE_MAX_M and 0 < n < m and scores.device.type == "cpu" and _no_nan(scores):
         return _topn_round_robin(scores, n)
     return topn_mask(scores.movedim(1, -1).reshape(-1, m), n).view(g, r, m).movedim(-1, 1).contiguous()
 

@@ -5,11 +5,15 @@ The default policy matches the paper's code:
 * Linear and (non-transposed) convolution layers are candidates;
 * the classifier head stays dense: the layers a model names in ``model.bame_dense_layers``, or else
   the last Linear/conv layer in registration order;
-* an ImageNet-style stem or a ViT patch embedding stays dense: listed in ``bame_dense_layers``, or
-  else the first convolution when its stride is above 1 (a CIFAR 3x3 stride-1 stem is sparse only if
-  its grouping axis divides by M, which with 3 input channels it never does);
+* an ImageNet-style stem or a ViT patch embedding stays dense: listed in ``bame_dense_layers``, and in
+  any case the first convolution when its stride is above 1 (a CIFAR 3x3 stride-1 stem is sparse only
+  if its grouping axis divides by M, which with 3 input channels it never does);
 * a depthwise conv, a grouped conv whose per-group input channels do not divide by M, and a layer
   whose grouping axis does not divide by M stay dense.
+
+Where the policy keeps a layer dense, its reason is the policy's, even when the layer could not be N:M
+anyway: a ViT's patch embedding is dense because it is the patch embedding, not because its 3 input
+channels happen not to divide by 4 (with ``group_axis="kflat"`` they would).
 
 A user can force layers out (``exclude``) or in (``include``) by name or shell-style pattern, or replace
 the policy with a ``layer_filter(name, module) -> bool``; structural impossibilities always win.
@@ -67,15 +71,20 @@ def structural_problem(module: nn.Module, m: int, group_axis: str) -> str | None
 
 
 def _default_dense(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """The policy's dense layers and why: the model's declared ones (or else the last layer), and a strided
+    first convolution (a stem or patch embedding) whether declared or not."""
     declared = getattr(model, "bame_dense_layers", None)
-    if declared is not None:
-        return {name: "dense by the model's layer policy (head / stem)" for name in declared}
+    first, last = (layers[0][0], layers[-1][0]) if layers else (None, None)
     dense: dict[str, str] = {}
-    if layers:
-        dense[layers[-1][0]] = "classifier head"
+    if declared is not None:
+        for name in declared:
+            role = "classifier head" if name == last else "stem / patch embedding" if name == first else "head / stem"
+            dense[name] = f"{role} (the model's bame_dense_layers)"
+    elif last is not None:
+        dense[last] = "classifier head"
     convs = [(n, mod) for n, mod in layers if isinstance(mod, nn.modules.conv._ConvNd)]
     if convs and max(convs[0][1].stride) > 1:
-        dense.setdefault(convs[0][0], "stem / patch embedding")
+        dense.setdefault(convs[0][0], "stem / patch embedding (the first convolution, strided)")
     return dense
 
 
@@ -97,7 +106,9 @@ def select_layers(
         forced_in = _matches(name, include)
         if problem is not None and forced_in and name in include:
             raise ConfigError(f"layer {name!r} was asked to be sparse but cannot be: {problem}")
-        if problem is None and _matches(name, exclude):
+        if problem is not None and not forced_in and name in policy_dense:
+            problem = policy_dense[name]  # the policy decides; the structure would only have agreed
+        elif problem is None and _matches(name, exclude):
             problem = "excluded by the user"
         elif problem is None and not forced_in:
             if layer_filter is not None and not layer_filter(name, module):

@@ -72,10 +72,11 @@ class SparseLayer:
         self.bwd_note: str | None = None  # why a wanted backward mask is not used on this layer
         self.kernel_note: str | None = None  # which products run sparse kernels (kernel="sparse")
         # Statistics of recorded selections (updates, flips), see Sparsifier.commit. Flips of per-iteration
-        # re-selections stay on the device until read: [total, last, since the last event].
+        # re-selections stay on the device until read (``flips``).
         self.updates = 0
         self.frozen_fraction = 0.0
-        self._flips = torch.zeros(3, dtype=torch.int64, device=self.mask.device)
+        self.par.register_buffer("flips", torch.zeros(3, dtype=torch.int64, device=self.mask.device),
+                                 persistent=False)  # a buffer: it follows model.to(device), no host copies
         self.window = 0  # re-selections since the last aggregated event
 
     # -- tensors -----------------------------------------------------------------------------------
@@ -95,6 +96,12 @@ class SparseLayer:
         return self.par.bwd_mask is not None or getattr(self.par, "bwd_keep", None) is not None
 
     @property
+    def flips(self) -> torch.Tensor:
+        """The flip counters of recorded selections, on the mask's device: ``[total, last, since the last
+        event]``."""
+        return self.par.flips
+
+    @property
     def compressed(self) -> compressed.CompressedNM | None:
         """The compressed structure once the layer is stored compressed, else None."""
         return self.par if isinstance(self.par, compressed.CompressedNM) else None
@@ -109,7 +116,7 @@ class SparseLayer:
     def compress(self, optimizer: torch.optim.Optimizer | None, indices: torch.Tensor | None = None,
                  plan_kernels: bool = False) -> None:
         """Switch to compressed storage (pruned weights must be zero); the layer's state moves along."""
-        states = {name: self.state(name) for name in self.state_names}
+        states = {name: self.state(name) for name in (*self.state_names, "flips")}
         backward = self.has_bwd_mask
         self.par = compressed.compress(self.module, self.mask, self.n, self.m, optimizer, indices, plan_kernels)
         for name, tensor in states.items():
@@ -138,16 +145,16 @@ class SparseLayer:
     @property
     def stats(self) -> dict[str, Any]:
         """``updates``, ``last_flips``, ``total_flips`` (recorded selections) and OBF's ``frozen_fraction``."""
-        total, last, _ = self._flips.tolist()
+        total, last, _ = self.flips.tolist()
         return {"updates": self.updates, "last_flips": last, "total_flips": total,
                 "frozen_fraction": self.frozen_fraction}
 
     def count(self, flips: torch.Tensor) -> None:
         """Add one recorded selection's flips (a 0-d tensor, on the device: no host sync)."""
         self.updates += 1
-        self._flips[0] += flips
-        self._flips[1] = flips
-        self._flips[2] += flips
+        self.flips[0] += flips
+        self.flips[1] = flips
+        self.flips[2] += flips
 
     # -- operations ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -475,7 +482,7 @@ class Sparsifier:
             self.events.append({"step": t, "layer": layer.name, "updates": stats["updates"],
                                 "last_flips": stats["last_flips"], "total_flips": stats["total_flips"],
                                 **self.method.event_fields(t, layer)})
-            layer._flips[2] = 0
+            layer.flips[2] = 0
         else:
             layer.window += 1
 
@@ -483,11 +490,11 @@ class Sparsifier:
         """Every ``record_every`` per-iteration re-selections: one event per layer with their flips (one sync)."""
         if not self.layers or self.layers[0].window < self.record_every:
             return
-        counts = torch.stack([layer._flips for layer in self.layers]).tolist()  # one host sync for all layers
+        counts = torch.stack([layer.flips for layer in self.layers]).tolist()  # one host sync for all layers
         for layer, (total, _, window_flips) in zip(self.layers, counts, strict=True):
             self.events.append({"step": t, "layer": layer.name, "updates": layer.updates,
                                 "last_flips": window_flips, "total_flips": total, "window": layer.window})
-            layer._flips[2] = 0
+            layer.flips[2] = 0
             layer.window = 0
 
     # -- services for methods ------------------------------------------------------------------------------
@@ -575,7 +582,7 @@ class Sparsifier:
         """
         layers = {}
         for layer in self.layers:
-            stats = {**layer.stats, "window": layer.window, "window_flips": int(layer._flips[2])}
+            stats = {**layer.stats, "window": layer.window, "window_flips": int(layer.flips[2])}
             entry = {"mask": layer.mask.detach().cpu().clone(), "stats": stats}
             if layer.compressed is not None:  # the slot order, for a bit-exact resume of the optimizer state
                 entry["indices"] = layer.compressed.indices.detach().cpu().clone()
@@ -612,8 +619,8 @@ class Sparsifier:
             layer.updates = int(stats.get("updates", 0))
             layer.frozen_fraction = float(stats.get("frozen_fraction", 0.0))
             layer.window = int(stats.get("window", 0))
-            layer._flips.copy_(torch.tensor([stats.get("total_flips", 0), stats.get("last_flips", 0),
-                                             stats.get("window_flips", 0)]))
+            layer.flips.copy_(torch.tensor([stats.get("total_flips", 0), stats.get("last_flips", 0),
+                                            stats.get("window_flips", 0)]))
         self.step_count = int(state["step"])
         self.method.load_state_dict(state.get("method_state", {}))
         if switched and not self.switched:  # the model's weights are dense: gather them into the saved slots
@@ -663,7 +670,9 @@ class Sparsifier:
         for layer in self.layers:
             if layer.compressed is not None:  # back to a dense weight (and dense optimizer state) first
                 mask = compressed.decompress(layer.module, self.optimizer)
+                flips = layer.flips
                 layer.par = masking.NMMask(mask.to(layer.weight.device))
+                layer.par.register_buffer("flips", flips, persistent=False)
                 layer.module.parametrizations.weight[0] = layer.par
             masking.detach(layer.module, bake=True)
         self._squashed = True

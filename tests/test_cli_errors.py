@@ -183,6 +183,19 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
      r"method 'static' has no option delta_t \(its options: none\)$"),
     ("eval-missing-path", lambda t, r: ["eval", str(t / "nowhere")], r"nowhere: no run directory or checkpoint there$"),
     ("nproc-zero", lambda t, r: _train(r, "--nproc", "0"), r"--nproc must be at least 1, not 0$"),
+    # issue 16: a mistyped --data-dir must not fall back to another copy of the data
+    ("data-dir-missing", lambda t, r: _train(r, "--dataset", "fashion-mnist", "--data-dir", str(t / "typo")),
+     r"^data directory .*typo does not exist \(--data-dir\)$"),
+    # issue 16: an --out where nothing can be written fails first (the data directory is wrong too), in one line
+    ("out-under-a-file", lambda t, r: ["train", *TRAIN, "--data-dir", str(t / "typo"), "--out",
+                                       str(r / "config.yaml" / "run")],
+     r"^--out .*config.yaml/run: .*config.yaml is not a directory$"),
+    ("out-under-dev-null", lambda t, r: ["train", *TRAIN, "--data-dir", str(t / "typo"), "--out", "/dev/null/run"],
+     r"^--out /dev/null/run: /dev/null is not a directory$"),
+    ("out-in-proc", lambda t, r: ["train", *TRAIN, "--data-dir", str(t / "typo"), "--out", "/proc/bame-run"],
+     r"^--out /proc/bame-run: cannot create files in /proc \(.+\)$"),
+    ("out-in-sys", lambda t, r: ["train", *TRAIN, "--data-dir", str(t / "typo"), "--out", "/sys/bame-run"],
+     r"^--out /sys/bame-run: cannot create files in /sys \(.+\)$"),
 ]
 
 

@@ -277,18 +277,37 @@ def test_fashion_subdir_and_missing(tmp_path, monkeypatch):
     make_fashion(tmp_path / "fashion-mnist")
     loader = data.build_loader("fashion-mnist", "test", batch_size=7, data_dir=tmp_path)
     assert loader.num_samples == 7 and isinstance(loader, data.Loader)
-    # The system-wide location (Debian's dataset-fashion-mnist) is the fallback.
+    # The system-wide location (Debian's dataset-fashion-mnist) is the fallback when no directory is given
+    # (./data is tried first: here there is none) ...
     monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "fashion-mnist")
-    assert (
-        data.build_loader("fashion-mnist", "train", batch_size=2, data_dir=tmp_path / "empty").num_samples
-        == 10
-    )
-    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "no-system-dir")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert data.build_loader("fashion-mnist", "train", batch_size=2).num_samples == 10
+    # ... and only then: a directory the user names is the only place looked in.
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="not found in") as info:
         data.build_loader("fashion-mnist", "train", batch_size=2, data_dir=tmp_path / "empty")
     message = str(info.value)
+    assert str(fashion_mnist.SYSTEM_DIR) not in message and "leave out --data-dir" in message
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "no-system-dir")
+    with pytest.raises(DataError, match="not found in") as info:
+        data.build_loader("fashion-mnist", "train", batch_size=2)
+    message = str(info.value)
     assert "dataset-fashion-mnist" in message and "train-images-idx3-ubyte.gz" in message
     assert "\n" not in message
+
+
+def test_a_data_dir_that_does_not_exist_is_an_error_naming_it(tmp_path, monkeypatch):
+    """Issue 16: a mistyped --data-dir fell back silently to the system's copy of Fashion-MNIST."""
+    make_fashion(tmp_path / "system")
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", tmp_path / "system")
+    for name in ("fashion-mnist", "digits"):  # digits reads no files, but a wrong directory is still wrong
+        with pytest.raises(DataError) as info:
+            data.build_loader(name, "train", batch_size=2, data_dir=tmp_path / "typo")
+        assert str(info.value) == f"data directory {tmp_path / 'typo'} does not exist (--data-dir)"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=r"file is not a directory \(--data-dir\)$"):
+        data.build_loader("fashion-mnist", "train", batch_size=2, data_dir=tmp_path / "file")
 
 
 def test_idx_parser_types_and_errors(tmp_path):
@@ -380,6 +399,7 @@ def test_cifar_corrupt_and_missing(tmp_path):
     batch.unlink()
     with pytest.raises(DataError, match="lacks CIFAR-10 files data_batch_3"):
         data.build_loader("cifar10", "train", batch_size=2, data_dir=tmp_path)
+    (tmp_path / "nothing").mkdir()
     with pytest.raises(DataError, match="--download"):
         data.build_loader("cifar10", "test", batch_size=2, data_dir=tmp_path / "nothing")
 
@@ -428,7 +448,7 @@ def test_fashion_download(tmp_path, monkeypatch, no_system_fashion):
     monkeypatch.setattr(
         fashion_mnist, "MD5", {u.rsplit("/", 1)[1]: hashlib.md5(b).hexdigest() for u, b in served.items()}
     )
-    with pytest.raises(DataError, match="not found in"):  # no download unless asked
+    with pytest.raises(DataError, match="dl does not exist"):  # no download unless asked
         data.build_loader("fashion-mnist", "test", batch_size=7, data_dir=tmp_path / "dl")
     loader = data.build_loader("fashion-mnist", "test", batch_size=7, data_dir=tmp_path / "dl", download=True)
     assert torch.equal(loader.images[:, 0], torch.from_numpy(files["test"][0]))

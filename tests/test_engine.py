@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,27 @@ def test_eval_matches_summary(digits_run, capsys):
     assert result["top1"] == pytest.approx(summary["top1"])
 
 
+def test_eval_of_the_weights_file_and_of_exports(digits_run, tmp_path, capsys):
+    """Issue 16: ``bame eval RUN/model.safetensors`` said "corrupt or truncated: not a zip archive". The weights
+    (masks applied) in a plain model give exactly the run's last evaluation; so do its exports."""
+    out, summary = digits_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    assert main(["export", str(run), "--format", "compressed"]) == 0
+    capsys.readouterr()
+    for name in ("model.safetensors", "model.compressed.safetensors"):
+        assert main(["eval", str(run / name), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["top1"] == summary["top1"] and result["step"] == summary["steps"], name
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(run / "model.safetensors", alone)
+    assert main(["eval", str(alone / "model.safetensors")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"bame: error: {alone / 'model.safetensors'}: no config.yaml beside it to rebuild the model and its data; "
+        "pass the run directory or its checkpoint.pt"]
+
+
 def test_python_m_bame_is_the_cli():
     done = subprocess.run([sys.executable, "-m", "bame", "methods"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
@@ -168,6 +190,10 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
     for method in ("dense", "sr_ste", "bame"):
         assert any(line.startswith(method) for line in text.splitlines())
     assert (tmp_path / "digits" / "demo.png").stat().st_size > 10_000
+    # the demo trains with the data set's own defaults, those of bame train (one source)
+    saved = {m: yaml.safe_load((tmp_path / "digits" / m / "config.yaml").read_text()) for m in ("dense", "bame")}
+    assert saved["bame"]["batch_size"] == saved["dense"]["batch_size"] == 64 and saved["bame"]["epochs"] == 1
+    assert saved["bame"]["method_options"] == {"delta_t": 10} and saved["dense"]["method_options"] == {}
 
 
 def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:

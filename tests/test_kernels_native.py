@@ -314,7 +314,6 @@ def test_native_kth_smallest_equals_kthvalue(kind: str) -> None:
 
 @needs_cc
 def test_obf_rank_threshold_takes_the_native_select_and_agrees() -> None:
-    from bame import nm as nm_mod
     from bame import obf
 
     g = torch.Generator().manual_seed(3)

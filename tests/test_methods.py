@@ -22,7 +22,7 @@ from bame.errors import ConfigError
 from bame.flops import hardware
 from bame.methods.bi_mask import best_permutation, permutation_score, random_permutations
 from bame.methods.lbc import alpha_grad, candidate_matrix, cardinality, remove_smallest
-from bame.methods.maxq import axis_soft, dense_share, incremental_mask, soft_scores
+from bame.methods.maxq import axis_soft, dense_share, incremental_mask, mask_values, soft_scores
 from bame.methods.rigl_nm import drop_fraction, every_block_rule, fraction_rule
 from bame.nm import backward_mask, is_nm, to_blocks, topn_mask
 
@@ -399,10 +399,56 @@ def test_maxq_soft_scores_match_the_formula():
     s_f = _axis_soft_loop(a.reshape(4, -1), 2, 4, 0.01).reshape(a.shape)
     by_position = a.permute(2, 3, 0, 1).reshape(9, 32)  # rows: kernel positions, across out*cin
     s_k = _axis_soft_loop(by_position, 2, 4, 0.01).reshape(3, 3, 4, 8).permute(2, 3, 0, 1)
-    assert torch.allclose(soft_scores(w, 2, 4, 0.01), s_f + s_k, atol=1e-6)
+    got_f, got_k = soft_scores(w, 2, 4, 0.01)
+    assert torch.allclose(got_f, s_f, atol=1e-6) and torch.allclose(got_k, s_k, atol=1e-6)
     w1 = torch.randn(4, 8, 1, 1, generator=gen)  # 1x1: filter axis only
     s_f1 = _axis_soft_loop(w1.abs().reshape(4, 8), 2, 4, 0.01).view(w1.shape)
-    assert torch.allclose(soft_scores(w1, 2, 4, 0.01), s_f1, atol=1e-6)
+    got_f1, got_k1 = soft_scores(w1, 2, 4, 0.01)
+    assert torch.allclose(got_f1, s_f1, atol=1e-6) and got_k1 is None
+
+
+def test_maxq_mask_values_add_in_the_reference_codes_order():
+    """``mask_local * (1 + mask_filter + mask_position)`` in MaxQ's code is ``(1 + s_f) + s_k``: with
+    s_f = s_k = 2^-24 (half an ulp of 1.0 each) that is 1 + 2^-24 -> 1 (ties to even), then 1 again; the
+    other order adds them first, 2^-23, and gives 1 + 2^-23."""
+    hard = torch.tensor([1.0, 0.0, 1.0])
+    tiny = torch.full((3,), 2.0**-24)
+    assert mask_values(hard, tiny, tiny).tolist() == [1.0, 0.0, 1.0]
+    assert (hard * (1 + (tiny + tiny))).tolist() == [1 + 2.0**-23, 0.0, 1 + 2.0**-23]  # the order it replaced
+    assert mask_values(hard, torch.tensor([0.5, 0.5, 0.25]), None).tolist() == [1.5, 0.0, 1.25]  # 1x1 / Linear
+
+
+def test_maxq_evaluates_with_the_mask_of_the_epoch_just_trained():
+    """MaxQ's code validates epoch e with the mask recomputed at p(e) from the trained weights; the next
+    epoch's training uses p(e+1). Epochs of 2 steps, window [0, 4) iterations = 2 epochs: p = 1, 0.5, 0, 0
+    (8 blocks: 8, 4, 0 dense), weights fixed (lr 0) so the masks are known by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1.0, 33.0).view(4, 8))  # block L1 grows with the block index
+    opt = sgd(model, lr=0.0)
+    sp = bame.sparsify(model, opt, "maxq", "2:4", total_steps=8, steps_per_epoch=2, decay_end=4, layer_filter=ALL,
+                       lambda_w=0.0, verbose=False)
+    layer = sp.layers[0]
+
+    def dense_blocks() -> tuple[int, int]:
+        seen = []
+        for train in (True, False):
+            model.train(train)
+            blocks = to_blocks(model[0].weight.detach() != 0, 4).sum(-1)  # (8,) kept per block
+            assert bool(((blocks == 4) | (blocks == 2)).all())
+            seen.append(int((blocks == 4).sum()))
+        model.train()
+        return seen[0], seen[1]
+
+    expected = {1: (8, 8), 2: (4, 8), 3: (4, 4), 4: (0, 4), 5: (0, 0), 8: (0, 0)}  # step: (train, eval)
+    for _ in range(8):
+        opt.zero_grad()
+        model(torch.ones(1, 8)).sum().backward()
+        opt.step()
+        if sp.step_count in expected:
+            assert dense_blocks() == expected[sp.step_count], sp.step_count
+    assert int(to_blocks(layer.mask, 4).sum(-1).eq(2).sum()) == 8  # the final mask, the one saved: all N:M
 
 
 def test_maxq_mask_values_and_gradient_on_a_tiny_layer():

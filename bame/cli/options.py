@@ -1,7 +1,8 @@
 """Command-line flags generated from the config dataclass and the methods' Options dataclasses.
 
 Each flag's type, default and help come from the field that defines it (:func:`bame.options.option`);
-an option shared by several methods lists what it does for each of them.
+an option shared by several methods lists what it does for each of them, and a default that a data set
+changes (:attr:`bame.data.DatasetSpec.defaults`) is listed with it.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from typing import Any
 
 import yaml
 
-from bame import config, methods
+from bame import config, data, methods
 from bame.errors import ConfigError
 from bame.options import default_of, help_of, kinds, parse_text
 
 #: TrainConfig fields that are not plain flags (nested, or recipe-only).
 _NOT_FLAGS = {"method_options", "model_options", "target"}
+#: Metavars that say what a text option holds (the type alone would say TEXT).
+_METAVARS = {"dataset": "NAME", "model": "NAME", "method": "NAME", "nm": "N:M", "data_dir": "DIR",
+             "device": "auto|cpu|cuda[:N]"}
 
 
 def _flag_kwargs(annotation: Any, metavar: str) -> dict[str, Any]:
@@ -51,16 +55,33 @@ def _rounded(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _by_dataset(name: str, method_option: bool = False) -> str:
+    """``"; digits 64, fashion-mnist 128"``: the data sets whose defaults change this option."""
+    found = []
+    for dataset, spec in data.available().items():
+        defaults = spec.defaults.get("method_options", {}) if method_option else spec.defaults
+        if name in defaults:
+            found.append(f"{dataset} {_rounded(defaults[name])}")
+    return "; " + ", ".join(found) if found else ""
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """`` (default: X)``, with the data sets that change it; nothing where the help already says it."""
+    if "default:" in help_of(f):
+        return ""
+    return f" (default: {_rounded(default_of(f))}{_by_dataset(f.name)})"
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; only flags given explicitly override a recipe."""
-    group = parser.add_argument_group("training options (defaults: bame.config.TrainConfig)")
+    group = parser.add_argument_group("training options (defaults: bame.config.TrainConfig, then the data set's)")
     for f in dataclasses.fields(config.TrainConfig):
         if f.name in _NOT_FLAGS:
             continue
         meta = dict(f.metadata)
+        metavar = _METAVARS.get(f.name) or _metavar(f.type, meta.get("choices"))
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                           help=_escape(f"{help_of(f)} (default: {_rounded(default_of(f))})"),
-                           **_flag_kwargs(f.type, _metavar(f.type, meta.get("choices"))))
+                           help=_escape(help_of(f) + _default_text(f)), **_flag_kwargs(f.type, metavar))
     group.add_argument("--model-option", dest="model_option", action="append", default=argparse.SUPPRESS,
                        metavar="KEY=VALUE", help="a model-specific option, e.g. shortcut=B (repeatable)")
 
@@ -78,7 +99,8 @@ def _method_help(owners: list[tuple[str, dataclasses.Field]]) -> str:
     """What an option does for each method that has it (methods sharing one meaning share one line)."""
     parts: dict[str, list[str]] = {}
     for method, f in owners:
-        parts.setdefault(f"{help_of(f)} (default {_rounded(default_of(f))})", []).append(method)
+        default = "" if "default:" in help_of(f) else f" (default {_rounded(default_of(f))}{_by_dataset(f.name, True)})"
+        parts.setdefault(help_of(f) + default, []).append(method)
     return "; ".join(f"[{', '.join(names)}] {text}" for text, names in parts.items())
 
 
@@ -116,10 +138,13 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def resolve(args: argparse.Namespace) -> config.TrainConfig:
-    """Defaults < recipe (--config) < explicit flags; every value checked."""
+def resolve(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> config.TrainConfig:
+    """TrainConfig defaults < the data set's defaults < recipe (--config) < explicit flags; every value
+    checked. A run's own ``config.yaml`` (``saved``, on --resume) replaces the first two."""
     recipe = config.load_recipe(args.config) if getattr(args, "config", None) else {}
-    return config.build(recipe, overrides(args))
+    if saved is not None:
+        return config.build(saved, recipe, overrides(args))
+    return config.build_run(recipe, overrides(args))
 
 
 def check_positive(value: int, name: str) -> None:

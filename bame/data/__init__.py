@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,6 +66,8 @@ class Request:
     workers: int
     device: torch.device
     augment: bool
+    #: Whether ``root`` was given (``data_dir``): a data set's fallback locations apply only when it was not.
+    root_given: bool = False
 
     def plan(self, num_items: int) -> EpochPlan:
         """The batch layout over ``num_items``, refusing a train batch larger than the split."""
@@ -109,6 +112,10 @@ class DatasetSpec:
         train_size: images in the standard train split, or ``None`` when it depends on the files.
         test_size: images in the standard test split, or ``None`` when it depends on the files.
         loader: builds a split's loader from a :class:`Request` (:func:`in_memory` for the small ones).
+        defaults: training options that suit a run on this data set, e.g. ``{"batch_size": 64, "epochs": 30,
+            "method_options": {"delta_t": 10}}`` (keys of :class:`bame.config.TrainConfig`); they sit between
+            the config's own defaults and a recipe, and method options reach only the methods that have them
+            (:func:`bame.config.build_run`). ``bame demo`` trains with them.
     """
 
     name: str
@@ -120,6 +127,7 @@ class DatasetSpec:
     train_size: int | None
     test_size: int | None
     loader: Callable[[Request], Loader]
+    defaults: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 def _normalize(name: str) -> str:
@@ -177,7 +185,9 @@ def build_loader(
         split: ``"train"`` (shuffled each epoch, last incomplete batch dropped) or ``"test"`` (file
             order, every sample once; ImageNet's ``val/``).
         batch_size: the global batch size; each rank gets ``batch_size // world_size`` per batch.
-        data_dir: where the files are (default ``./data``); unused by ``digits``.
+        data_dir: where the files are (default ``./data``, then a data set's own fallback such as Debian's
+            copy of Fashion-MNIST); a directory given here must exist (unless ``download``), and only it is
+            searched. Unused by ``digits``, but still checked.
         download: fetch missing files (CIFAR-10 and Fashion-MNIST; ImageNet cannot be downloaded).
         seed: the run seed; with the epoch it fixes the order and the augmentation.
         rank: this process's rank, ``0 <= rank < world_size``.
@@ -211,6 +221,10 @@ def build_loader(
     except (RuntimeError, TypeError) as exc:
         raise DataError(f"invalid device {device!r}; use e.g. 'cpu' or 'cuda:0'") from exc
     root = Path(data_dir).expanduser() if data_dir is not None else DEFAULT_DATA_DIR
+    if data_dir is not None and not download and not root.is_dir():
+        # A typo must not fall back silently to another copy of the data (the system's Fashion-MNIST).
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise DataError(f"data directory {root} {what} (--data-dir)")
     augment = split == "train" if augment is None else bool(augment)
     return spec.loader(Request(spec, split, root, download, batch_size, seed, rank, world_size, workers, device,
-                               augment))
+                               augment, root_given=data_dir is not None))

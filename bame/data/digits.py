@@ -99,5 +99,11 @@ def _split(split: str, root: Path, download: bool) -> Split:
     return images, labels, Normalize(PIXEL_SCALE, mean, std), CropFlip(padding=1, flip=False)
 
 
+#: The default global batch of 256 would leave 5 steps per epoch of these 1,437 images: a first run at the
+#: defaults learned nothing. Batch 64 gives 22 steps per epoch; 30 epochs (20 s on one CPU thread) reach
+#: dense accuracy; BAME's delta_t is scaled to that run (the paper's 100 assumes ~58k iterations): about
+#: 22 LMA/OBF updates in its evolution phase.
+DEFAULTS = {"epochs": 30, "batch_size": 64, "method_options": {"delta_t": 10}}
+
 register(DatasetSpec("digits", "scikit-learn's bundled 8x8 handwritten digits (no download)",
-                     10, 1, 8, "smallcnn", 1437, 360, in_memory(_split)))
+                     10, 1, 8, "smallcnn", 1437, 360, in_memory(_split), DEFAULTS))

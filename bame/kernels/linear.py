@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bame import native
+from bame.kernels import semi
 from bame.kernels.packed import Packed, csr_tensor, unpack
 from bame.kernels.tiles import from_tiles, layer_tile, to_tiles
 
@@ -47,6 +48,7 @@ __all__ = [
     "fwd_embag",
     "fwd_embag_tiles",
     "fwd_native",
+    "dx_semi_structured",
     "fwd_semi_structured",
     "nm_linear",
     "scatter_values",
@@ -308,31 +310,37 @@ def scatter_values_native(grad_values: Tensor, packed: Packed) -> Tensor:
 
 
 def semi_structured_problem(x: Tensor, packed: Packed) -> str | None:
-    """Why PyTorch's semi-structured (2:4) sparse tensors cannot compute this layer's forward, or None."""
-    if x.device.type != "cuda":
-        return "semi-structured 2:4 runs on CUDA only"
-    if not ((packed.m % 4 == 0 and packed.n <= 2) or (packed.m == 2 and packed.n == 1)):
-        return f"{packed.n}:{packed.m} does not keep at most 2 of every 4 consecutive weights"
-    if not hasattr(torch.sparse, "to_sparse_semi_structured"):
-        return "this PyTorch has no torch.sparse.to_sparse_semi_structured"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
-        return "semi-structured 2:4 needs compute capability 8.0 or newer"
-    return None
+    """Why the 2:4 units cannot compute this layer's products (:mod:`bame.kernels.semi`), or None."""
+    return semi.semi_structured_problem(x, packed.n, packed.m, packed.shape)
+
+
+def _semi_cache(packed: Packed) -> semi.SemiCache:
+    cache = packed._cache.get("semi")
+    if cache is None:
+        cache = packed._cache["semi"] = semi.SemiCache()
+    return cache
 
 
 def fwd_semi_structured(x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
-    """``y = x @ (W*B)^T`` on CUDA with ``torch.sparse.to_sparse_semi_structured`` (the GPU's 2:4 units).
-
-    The weight is compressed on every call (its values change at every step), so whether this beats the
-    dense GEMM is for the planner to measure. Raises ``NotImplementedError`` where it cannot run (CPU, a
-    pattern that is not 2:4-compatible, an old GPU or PyTorch) and PyTorch's ``RuntimeError`` for an
-    unsupported dtype or shape; either makes the planner skip it. ``tile`` is ignored.
-    """
+    """``y = x @ (W*B)^T`` on CUDA's 2:4 units (:mod:`bame.kernels.semi`). The compressed weight is kept
+    with the structure until the values change (one compression per optimizer step, whatever the number of
+    micro-batches). Raises ``NotImplementedError`` where it cannot run, which makes the planner skip it.
+    ``tile`` is ignored."""
     problem = semi_structured_problem(x, packed)
     if problem is not None:
         raise NotImplementedError(problem)
-    weight = torch.sparse.to_sparse_semi_structured(unpack(packed).to(x.dtype))  # (out, in), compressed
-    return F.linear(x, weight)
+    compressed = _semi_cache(packed).get("fwd", packed.values, unpack(packed).to(x.dtype))
+    return semi.semi_structured_linear(x, compressed=compressed, out_features=packed.shape[0])
+
+
+def dx_semi_structured(dy: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dX = dY (W*B_bwd)`` on CUDA's 2:4 units, for a backward packing N:M along the *output* axis
+    (BAME-dagger): ``dX^T = (W*B_bwd)^T dY^T`` with the transposed weight compressed once per step."""
+    problem = semi.semi_structured_problem(dy, packed.n, packed.m, (packed.shape[1], packed.shape[0]))
+    if problem is not None:
+        raise NotImplementedError(problem)
+    compressed = _semi_cache(packed).get("dx", packed.values, unpack(packed).to(dy.dtype).t())
+    return semi.semi_structured_dx(dy, compressed_t=compressed, in_features=packed.shape[1])
 
 
 ProductFn = Callable[[Tensor, Packed, int], Tensor]
@@ -341,9 +349,10 @@ FORWARD: dict[str, ProductFn] = {
     "semi_structured": fwd_semi_structured,
 }
 #: Formulations that can only run on a GPU (the planner skips them elsewhere).
-CUDA_ONLY = frozenset({"semi_structured"})
+CUDA_ONLY = frozenset({"semi_structured"})  # the 2:4 units (fwd and, with a backward mask, dX)
 INPUT_GRAD: dict[str, ProductFn] = {
     "dense": dx_dense, "embag": dx_embag, "csr": dx_csr, "native": dx_native, "chunked": dx_chunked,
+    "semi_structured": dx_semi_structured,
 }
 WEIGHT_GRAD: dict[str, Callable[[Tensor, Tensor, Packed, int], Tensor]] = {
     "dense": dw_dense,

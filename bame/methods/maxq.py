@@ -11,8 +11,19 @@ Before every iteration, from the current |W|:
 2. soft scores along two axes, ``s = hard * sigmoid((|W| - thr) / tau)`` (:func:`axis_soft`): filter-wise
    (each output filter a row) and kernel-wise (each kernel position across the layer; only for convs
    with more than one kernel position; a Linear layer has the filter axis only, MaxQ being CNN-only).
-3. the forward uses ``W * B (1 + s_f + s_k)`` (mask values 0 or in [1, 3]); the following norm layer
-   absorbs the amplification, and ``squash`` bakes it into the weight (still N:M).
+3. the forward uses ``W * B ((1 + s_f) + s_k)`` (mask values 0 or in [1, 3]; summed in the code's order,
+   ``mask_local * (1 + mask_filter + mask_position)``, whose float rounding ``1 + (s_f + s_k)`` would not
+   reproduce on a 3x3 convolution); the following norm layer absorbs the amplification, and ``squash``
+   bakes it into the weight (still N:M).
+
+Evaluation, as in the code: its training forward recomputes the mask, its evaluation forward reuses the
+last one, and after each epoch ``show_zero_num_and_update_mask`` recomputes it from the trained weights
+with the epoch's p(e) before validating. The sparsifier prepares iteration t+1 after the step of t, with
+p(e+1) where an epoch ends; so a model in eval mode (``model.eval()``) uses the mask of the iteration just
+trained, p(t-1) from the current weights, when that differs (at an epoch boundary inside the window),
+and the training forward of t+1 uses p(e+1). At the end of the run (t = T) both are the final N:M mask:
+the evaluated model is the one saved. (The code requires ``decay_end`` before the last epoch, where the
+two always agree.)
 
 Weight gradient: pure straight-through, ``dL/dW = dL/d(W*mask)``, dense, plus SR-STE's decay
 ``lambda * (1 - clamp(mask, 0, 1)) * W`` (blocks held dense get none) added once, after unscaling.
@@ -112,18 +123,30 @@ def axis_soft(x: torch.Tensor, n: int, m: int, tau: float) -> torch.Tensor:
     return hard * torch.sigmoid((x - thr[:, None]) / tau)
 
 
-def soft_scores(weight: torch.Tensor, n: int, m: int, tau: float) -> torch.Tensor:
-    """``s_f + s_k``, weight-shaped: the filter-wise score plus, for a conv with more than one kernel
-    position, the kernel-wise one (each kernel position a row across ``out * cin``)."""
+def soft_scores(weight: torch.Tensor, n: int, m: int, tau: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(s_f, s_k)``, weight-shaped: the filter-wise score and, for a conv with more than one kernel
+    position, the kernel-wise one (each kernel position a row across ``out * cin``), else None."""
     a = weight.detach().abs()
-    s = axis_soft(a.reshape(a.shape[0], -1), n, m, tau).reshape(a.shape)  # rows: output filters
+    s_f = axis_soft(a.reshape(a.shape[0], -1), n, m, tau).reshape(a.shape)  # rows: output filters
     positions = math.prod(a.shape[2:])
-    if a.dim() > 2 and positions > 1:
-        out, cin = a.shape[:2]
-        by_position = a.reshape(out, cin, positions).permute(2, 0, 1).reshape(positions, out * cin)
-        s_k = axis_soft(by_position, n, m, tau).reshape(positions, out, cin).permute(1, 2, 0)
-        s = s + s_k.reshape(a.shape)
-    return s
+    if a.dim() <= 2 or positions == 1:
+        return s_f, None
+    out, cin = a.shape[:2]
+    by_position = a.reshape(out, cin, positions).permute(2, 0, 1).reshape(positions, out * cin)
+    s_k = axis_soft(by_position, n, m, tau).reshape(positions, out, cin).permute(1, 2, 0)
+    return s_f, s_k.reshape(a.shape)
+
+
+def mask_values(hard: torch.Tensor, s_f: torch.Tensor, s_k: torch.Tensor | None) -> torch.Tensor:
+    """The forward's mask values ``hard * ((1 + s_f) + s_k)``: 0, or in [1, 3].
+
+    Summed left to right as the code's ``mask_local * (1 + mask_filter + mask_position)``: float addition is
+    not associative, and ``1 + (s_f + s_k)`` differs in the last bit, a difference training accumulates.
+    """
+    total = 1.0 + s_f
+    if s_k is not None:
+        total = total + s_k
+    return hard * total
 
 
 def incremental_mask(
@@ -141,6 +164,32 @@ def incremental_mask(
         lightest = sorted_blocks(a.sum(dim=-1).view(1, -1), descending=False).indices[0, :n_dense]  # smallest L1
         mask[lightest] = True
     return mask
+
+
+def _show_scale_of_mode(par: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a MaxQ layer's parametrization: in eval mode its product uses the scale of the
+    iteration just trained (:meth:`Maxq.eval_mask`), in train mode the next iteration's.
+
+    It runs wherever the effective weight is computed (the layer's forward, ``module.weight``); the two
+    scales live on the parametrization (not saved: :meth:`Maxq.refresh` recomputes them after a load), so
+    the hook holds no reference and goes with the parametrization on ``squash``.
+    """
+    scales = par.__dict__.get("maxq_scales")
+    if scales is None:
+        return
+    show_eval = not par.training
+    if show_eval != par.__dict__.get("maxq_showing_eval", False):
+        par.scale.copy_(scales[1] if show_eval else scales[0])
+        par.maxq_showing_eval = show_eval
+
+
+def _set_eval_scale(par: torch.nn.Module, eval_scale: torch.Tensor | None) -> None:
+    """Keep ``eval_scale`` (and a copy of the train scale just set) for :func:`_show_scale_of_mode`."""
+    if not par.__dict__.get("maxq_hooked", False):
+        par.register_forward_pre_hook(_show_scale_of_mode)
+        par.maxq_hooked = True
+    par.maxq_scales = None if eval_scale is None else (par.scale.clone(), eval_scale)
+    par.maxq_showing_eval = False
 
 
 @register
@@ -201,8 +250,22 @@ class Maxq(Method):
 
     def refresh(self, t: int, layer) -> None:
         weight = layer.weight.detach()
-        scale = layer.mask * (1.0 + soft_scores(weight, self.n, self.m, self.options.tau))  # 0 or in [1, 3]
-        layer.par.set_scale(scale.to(weight.dtype))
+        s_f, s_k = soft_scores(weight, self.n, self.m, self.options.tau)
+        layer.par.set_scale(mask_values(layer.mask, s_f, s_k).to(weight.dtype))  # 0 or in [1, 3]
+        evaluated = self.eval_mask(t, layer)
+        _set_eval_scale(layer.par, None if evaluated is None else mask_values(evaluated, s_f, s_k).to(weight.dtype))
+
+    def eval_mask(self, t: int, layer) -> torch.Tensor | None:
+        """The hard mask an evaluation before iteration t uses, where it is not t's: the incremental mask of
+        the iteration just trained (p(t-1)) from the current weights, when p changed at t (an epoch boundary
+        inside the window). None elsewhere, and at the end of the run (t = T), whose mask is the final one."""
+        if t == 0 or (self.total_steps is not None and t >= self.total_steps):
+            return None
+        share = self.share(t - 1)
+        if share == self.share(t):
+            return None
+        return layer.unblocks(incremental_mask(layer.blocks(layer.weight.detach()), self.n, share,
+                                               self.options.incremental))
 
     def on_grad(self, t: int, layer, grad: torch.Tensor, ctx) -> None:
         add_sr_ste_decay(grad, layer, self.options.lambda_w)  # straight-through: the dense G, plus the decay
