@@ -23,6 +23,8 @@ the dense weight under its usual key, and loading a dense weight into a compress
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -30,12 +32,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bame.kernels.compressed import compressed_conv, compressed_linear, conv_geometry
-from bame.kernels.conv import choose_conv_plan, native_conv_problem
+from bame.kernels.conv import ConvPlan, choose_conv_plan, native_conv_problem
 from bame.kernels.packed import Packed, index_dtype
-from bame.kernels.plan import choose_plan
+from bame.kernels.plan import Plan, choose_plan
 from bame.nm import from_blocks, kept_indices, sorted_blocks, to_blocks
 
-__all__ = ["CompressedNM", "compress", "decompress", "storage_problem", "update_slots"]
+__all__ = ["CompressedNM", "choose_products", "compress", "decompress", "load_plan", "plan_state", "storage_problem",
+           "update_slots"]
 
 
 def storage_problem(module: nn.Module, group_axis: str) -> str | None:
@@ -128,7 +131,8 @@ class CompressedNM(nn.Module):
     def dense(self, values: Tensor) -> Tensor:
         """The dense weight (the weight's shape) holding ``values`` at the slots, zeros elsewhere."""
         blocks = torch.zeros(values.shape[0], self.m, dtype=values.dtype, device=values.device)
-        return from_blocks(blocks.scatter_(1, self.indices.long(), values), self.shape, "cin")
+        # contiguous: a convolution given the permuted view picks another algorithm (another summation order)
+        return from_blocks(blocks.scatter_(1, self.indices.long(), values), self.shape, "cin").contiguous()
 
     def gather(self, dense: Tensor) -> Tensor:
         """A weight-shaped tensor at the slots: ``(K, N)``."""
@@ -187,18 +191,56 @@ def _product(storage: CompressedNM) -> Any:
             if isinstance(module, nn.Linear):
                 return torch.nn.functional.linear(x, weight, module.bias)
             return module._conv_forward(x, weight, module.bias)
+        if storage.plan is None and storage.plan_kernels:
+            storage.plan = choose_products(storage, module, x.shape, x.dtype, x.device)
         if isinstance(module, nn.Linear):
-            if storage.plan is None and storage.plan_kernels:
-                out, in_ = storage.shape
-                storage.plan = choose_plan(out, in_, storage.n, storage.m, x.numel() // in_, x.dtype, x.device)
             return compressed_linear(x, values, storage, module.bias, storage.plan)
-        if storage.plan is None and storage.plan_kernels and native_conv_problem(x, module.stride) is None:
-            geo = conv_geometry(storage, x, module.padding, module.dilation)
-            storage.plan = choose_conv_plan(geo, storage.n, storage.m, x.shape[0], x.dtype, x.device)
         return compressed_conv(x.contiguous(), values, storage, module.bias, module.stride, module.padding,
                                module.dilation, storage.plan)
 
     return forward
+
+
+def choose_products(storage: CompressedNM, module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype,
+                    device: torch.device) -> Any:
+    """The plan of a compressed layer's products for inputs of ``shape``: timed sparse formulations against
+    dense ones (:func:`bame.kernels.choose_plan`, :func:`bame.kernels.conv.choose_conv_plan`); None where
+    only dense products can run (a strided convolution, a CUDA tensor)."""
+    if isinstance(module, nn.Linear):
+        out, in_ = storage.shape
+        tokens = math.prod(shape) // in_
+        with torch.enable_grad():  # the switch happens inside optimizer.step, and the timing runs backwards
+            return _agreed(choose_plan(out, in_, storage.n, storage.m, tokens, dtype, device))
+    if native_conv_problem(torch.empty(0, dtype=dtype, device=device), module.stride) is not None:
+        return None
+    geo = conv_geometry(storage, torch.empty(shape, dtype=dtype, device="meta"), module.padding, module.dilation)
+    return _agreed(choose_conv_plan(geo, storage.n, storage.m, shape[0], dtype, device))
+
+
+def _agreed(plan: Any) -> Any:
+    """Rank 0's plan on every rank: plans are chosen by timing, and ranks that timed differently would
+    sum in different orders and drift apart (every rank chooses its plans at the same forward)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return plan
+    box = [plan]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def plan_state(plan: Any) -> dict[str, Any] | None:
+    """A chosen plan as plain data (the sparsifier's state): a resumed run computes with the same
+    formulations, so it sums in the same order and stays bit-exact, whatever timing says that day."""
+    if plan is None:
+        return None
+    return {"kind": "conv" if isinstance(plan, ConvPlan) else "linear", **dataclasses.asdict(plan)}
+
+
+def load_plan(state: dict[str, Any] | None) -> Any:
+    """The inverse of :func:`plan_state`."""
+    if state is None:
+        return None
+    fields = {k: v for k, v in state.items() if k != "kind"}
+    return ConvPlan(**fields) if state["kind"] == "conv" else Plan(**fields)
 
 
 _EAGER: dict[type, type] = {}

@@ -22,6 +22,7 @@ from bame.options import check_type, check_value, default_of, option
 
 OPTIMIZERS = ("sgd", "adamw")
 KERNELS = ("dense", "sparse")
+STORAGES = ("dense", "compressed")
 
 
 @dataclass
@@ -57,8 +58,11 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     workers: int = option(0, "data-loading worker processes (ImageNet)", low=0)
     amp: bool = option(False, "automatic mixed precision (bf16 on CPU, fp16 with a GradScaler on CUDA)")
-    kernel: str = option("dense", "dense (masked products) or sparse (N:M kernels for Linear layers and 1x1 "
-                                  "convolutions)", choices=KERNELS)
+    kernel: str | None = option(None, "dense (masked products) or sparse (measured per-layer plans of N:M kernels); "
+                                      "default: sparse with compressed storage, else dense", choices=KERNELS)
+    storage: str = option("dense", "dense, or compressed: from the iteration the method allows it on, every sparse "
+                                   "layer keeps only its kept values and the optimizer updates only those",
+                          choices=STORAGES)
     check_masks: bool = option(False, "verify after every mask update that all ranks hold identical masks")
     target: dict[str, Any] = option(None, "a recipe's paper figures, for reports", default_factory=dict)
 
@@ -109,6 +113,8 @@ def build(*layers: dict[str, Any]) -> TrainConfig:
             else:
                 merged[key] = value
     cfg = TrainConfig(**merged, **nested)
+    if cfg.kernel is None:  # the storage's own: compressed layers are there to run sparse products
+        cfg.kernel = "sparse" if cfg.storage == "compressed" else "dense"
     validate(cfg)
     return cfg
 

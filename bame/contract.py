@@ -201,6 +201,11 @@ class Method:
         ``layer_policy="reference"``), or None. A user's ``layer_filter`` takes precedence."""
         return None
 
+    def schedule_problem(self) -> str | None:
+        """Why this run's schedule never runs the method's own mechanism (warned at ``sparsify``, refused by
+        ``bame train``), or None."""
+        return None
+
     def restart_steps(self) -> list[int]:
         """Iterations at which the optimizer and LR schedule restart (ASP's fine-tuning)."""
         return []

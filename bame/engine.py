@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,13 @@ def _make_optimizer(cfg: config.TrainConfig, model: nn.Module) -> torch.optim.Op
                            weight_decay=cfg.weight_decay)
 
 
+def wrap(model: nn.Module, info: distributed.DistInfo) -> nn.Module:
+    """The model as the training step calls it: itself, or wrapped in DistributedDataParallel."""
+    if not info.enabled:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
+
+
 def run_lengths(cfg: config.TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
     """``(T, nominal)`` of a run of ``cfg``: :func:`bame.schedules.schedule_lengths` with its method's factor."""
     return schedule_lengths(cfg.epochs, steps_per_epoch, methods.get(cfg.method).schedule_factor, cfg.max_steps)
@@ -94,9 +102,18 @@ def create_model(cfg: config.TrainConfig) -> nn.Module:
 def attach(cfg: config.TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer | None, total: int,
            steps_per_epoch: int, verbose: bool = True) -> Sparsifier:
     """``cfg``'s sparsifier on ``model`` for a run of ``total`` steps."""
-    return sparsify(model, optimizer, cfg.method, cfg.nm, total_steps=total, group_axis=cfg.group_axis,
-                    seed=cfg.seed, steps_per_epoch=steps_per_epoch, verbose=verbose, kernel=cfg.kernel,
-                    **cfg.method_options)
+    with warnings.catch_warnings():  # the command line's own lines instead
+        warnings.simplefilter("ignore")
+        sparsifier = sparsify(model, optimizer, cfg.method, cfg.nm, total_steps=total, group_axis=cfg.group_axis,
+                              seed=cfg.seed, steps_per_epoch=steps_per_epoch, verbose=False, kernel=cfg.kernel,
+                              storage=cfg.storage, **cfg.method_options)
+    if verbose:
+        problem = sparsifier.method.schedule_problem()
+        if problem is not None:
+            log.warning("warning: %s", problem)
+        for name, reason in sparsifier.dense_layers.items():
+            log.info("%s stays dense: %s", name, reason)
+    return sparsifier
 
 
 def check_schedule(cfg: config.TrainConfig) -> None:
@@ -106,8 +123,10 @@ def check_schedule(cfg: config.TrainConfig) -> None:
     spec = data.get_spec(cfg.dataset)
     if spec.train_size is not None and spec.train_size >= cfg.batch_size:
         spe = spec.train_size // cfg.batch_size
-        create_method(cfg.method, cfg.nm, run_lengths(cfg, spe)[0], seed=cfg.seed, steps_per_epoch=spe,
-                      **cfg.method_options)
+        with warnings.catch_warnings():  # said once, by attach
+            warnings.simplefilter("ignore")
+            create_method(cfg.method, cfg.nm, run_lengths(cfg, spe)[0], seed=cfg.seed, steps_per_epoch=spe,
+                          **cfg.method_options)
 
 
 def build(cfg: config.TrainConfig, out: Path, info: distributed.DistInfo) -> Run:
@@ -127,12 +146,12 @@ def build(cfg: config.TrainConfig, out: Path, info: distributed.DistInfo) -> Run
     sparsifier = attach(cfg, model, optimizer, total, len(train_loader), verbose=info.is_main)
     cost = flops.measure(model, (spec.in_channels, spec.image_size, spec.image_size))
     ledger = flops.Ledger(cost, batch_size=cfg.batch_size, nominal_steps=nominal)
-    net = model
-    if info.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda"
-                                                  else None)
+    net = wrap(model, info)
     segments = sorted({0, *sparsifier.method.restart_steps(), total})
-    return Run(cfg, out, info, train_loader, test_loader, model, net, optimizer, sparsifier, ledger, total, segments)
+    run = Run(cfg, out, info, train_loader, test_loader, model, net, optimizer, sparsifier, ledger, total, segments)
+    if info.enabled:  # compressed storage replaces the sparse weights: DDP must hold the new parameters
+        sparsifier.switch_callbacks.append(lambda: setattr(run, "net", wrap(run.model, run.info)))
+    return run
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
@@ -564,9 +583,10 @@ def finish(run: Run, last: dict[str, Any]) -> dict[str, Any]:
 
     masks = run.sparsifier.masks()
     densities = {layer.name: layer.density() for layer in run.sparsifier.layers}
-    params = sum(p.numel() for p in run.model.parameters())
-    effective = checkpoint.plain_state_dict(run.model, {})
     param_names = {n for n, _ in run.model.named_parameters()}
+    # the state dict holds dense weights under either storage (compressed values are a fraction of them)
+    params = sum(v.numel() for k, v in run.model.state_dict().items() if k in param_names)
+    effective = checkpoint.plain_state_dict(run.model, {})
     nonzero = sum(int((v != 0).sum()) for k, v in effective.items()
                   if k in param_names or k.replace(".weight", ".parametrizations.weight.original") in param_names)
     spec = data.get_spec(run.cfg.dataset)

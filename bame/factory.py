@@ -7,6 +7,7 @@ imports no registry and drives any object with the method protocol.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,7 +46,8 @@ def sparsify(
     """Make a model's training N:M sparse with one line.
 
     Args:
-        model: the model (or its DistributedDataParallel wrapper).
+        model: the model, or its ``torch.compile`` wrapper; not a DistributedDataParallel wrapper (wrap the
+            model after sparsifying it: the wrapper must hold the parameters bame attaches).
         optimizer: the optimizer that updates it; the sparsifier hooks its ``step``. None: attach the masks
             now and call :meth:`Sparsifier.bind` once the optimizer exists (frameworks that create it later).
         method: a registered method name (see :func:`bame.methods.available`).
@@ -64,12 +66,15 @@ def sparsify(
             the method's plan allows it on (BAME's t_i, static's first, ASP's prune), each sparse layer keeps
             only its kept values and their positions, and the optimizer updates only those
             (:mod:`bame.compressed`). Methods that need the dense weight every step refuse it.
-        verbose: log one line per layer left dense.
+        verbose: warn, in one line, which layers stay dense and why.
         **options: the method's own options (e.g. ``delta_t``, ``alpha``, ``t_i`` for BAME).
 
     Returns:
         The :class:`~bame.sparsifier.Sparsifier`.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # its reducer holds the weights bame replaces
+        raise ConfigError("sparsify the model before wrapping it in DistributedDataParallel: "
+                          "bame.sparsify(model, ...), then DistributedDataParallel(model)")
     instance = create_method(method, nm, total_steps, seed=seed, steps_per_epoch=steps_per_epoch, **options)
     if group_axis not in GROUP_AXES:
         raise ConfigError(f"unknown group_axis {group_axis!r}: choose one of {', '.join(GROUP_AXES)}")
@@ -97,5 +102,9 @@ def create_method(method: str, nm: str | tuple[int, int], total_steps: int | Non
                                     or total_steps <= 0):
         raise ConfigError(f"total_steps must be a positive int, not {total_steps!r}")
     cls = methods.get(method)
-    return cls(cls.make_options(**options), n=n, m=m, total_steps=total_steps, seed=seed,
-               steps_per_epoch=steps_per_epoch)
+    instance = cls(cls.make_options(**options), n=n, m=m, total_steps=total_steps, seed=seed,
+                   steps_per_epoch=steps_per_epoch)
+    problem = instance.schedule_problem()
+    if problem is not None:  # loud, with the numbers (bame train refuses it: engine.check_schedule)
+        warnings.warn(problem, stacklevel=3)
+    return instance

@@ -11,6 +11,7 @@ and tabulates the runs with mean and spread over seeds. The headline is the last
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -25,6 +26,9 @@ RUN_MARKERS = ("summary.json", "metrics.jsonl")
 #: Config fields that do not change what a run computes, plus the seed: runs that differ only in these
 #: are seeds of one configuration.
 _NOT_CONFIG = {"seed", "workers", "data_dir", "download", "device", "check_masks", "target"}
+# What makes a run sparse rather than dense: runs equal in everything else are one recipe, and the
+# recipe's dense run is what the wall time of a sparse one is compared with.
+_NOT_RECIPE = _NOT_CONFIG | {"method", "nm", "method_options", "storage", "kernel", "group_axis", "resolved"}
 TOP_SHARE = 0.05  # Figure 2's summary: the share of all flips made by the 5 % most-changing blocks
 
 
@@ -122,6 +126,26 @@ def group_runs(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return list(groups.values())
 
 
+def recipe_key(run: dict[str, Any]) -> str:
+    """Runs of one recipe (data, model, length, optimizer) differ only in the method and its options."""
+    cfg = run.get("config") or {k: run["summary"].get(k) for k in ("dataset", "model", "epochs")}
+    return json.dumps({k: v for k, v in cfg.items() if k not in _NOT_RECIPE}, sort_keys=True, default=str)
+
+
+def add_wall_ratios(groups: list[list[dict[str, Any]]], rows: list[dict[str, Any]]) -> None:
+    """Each row's measured wall time over that of the dense run(s) of its recipe, when there are some:
+    ``row["wall_vs_dense"]`` (mean, None), or NaN. Beside the FLOPs ratio, what this machine really spent."""
+    dense: dict[str, list[float]] = {}
+    for group in groups:
+        for run in group:
+            if not uses_masks(run["summary"].get("method")) and run["summary"].get("wall_time_s"):
+                dense.setdefault(recipe_key(run), []).append(float(run["summary"]["wall_time_s"]))
+    for group, row in zip(groups, rows, strict=True):
+        base = dense.get(recipe_key(group[0]))
+        wall = row["wall"][0]
+        row["wall_vs_dense"] = (wall / statistics.fmean(base), None) if base and wall == wall else (math.nan, None)
+
+
 def last_top1(run: dict[str, Any]) -> float | None:
     top1 = run["summary"].get("top1")
     if top1 is None and run["metrics"]:
@@ -171,28 +195,33 @@ def group_row(group: list[dict[str, Any]]) -> dict[str, Any]:
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown table of configurations (mean ± sample std over seeds); headline = last-epoch top-1."""
     lines = ["| method | N:M | model | dataset | runs | top-1 last (%) | top-1 best (%) | train FLOPs | "
-             "train FLOPs (nm-hw) | test FLOPs | wall (s) | paper |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "train FLOPs (nm-hw) | test FLOPs | wall (s) | wall vs dense | paper |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = r["target"]
         paper = f"{target['top1']}% / {target.get('train_flops_ratio', '-')}x" if "top1" in target else "-"
         lines.append(f"| {r['method']} | {r['nm']} | {r['model']} | {r['dataset']} | {r['n']} | "
                      f"{_fmt(r['top1'])} | {_fmt(r['best'])} | {_fmt(r['flops'], 3, 'x', True)} | "
                      f"{_fmt(r['flops_hw'], 3, 'x', True)} | {_fmt(r['test_flops'], 3, 'x', True)} | "
-                     f"{_fmt(r['wall'], 1)} | {paper} |")
+                     f"{_fmt(r['wall'], 1)} | {_fmt(r.get('wall_vs_dense', (math.nan, None)), 3, 'x')} | {paper} |")
     return lines
 
 
 def runs_table(runs: list[dict[str, Any]]) -> list[str]:
-    """A plain-text table: method, N:M, last and best top-1, training-FLOPs ratios, wall time."""
+    """A plain-text table: method, N:M, last and best top-1, training-FLOPs ratios, wall time (and its
+    ratio to the dense run's, when one of the runs is dense)."""
+    groups = [[run] for run in runs]
+    rows = [group_row(g) for g in groups]
+    add_wall_ratios(groups, rows)
     lines = [f"{'method':10s} {'N:M':6s} {'top-1':>7s} {'best':>7s} {'train FLOPs':>11s} {'(hw rule)':>9s} "
-             f"{'wall s':>7s}"]
-    for run in runs:
+             f"{'wall s':>7s} {'vs dense':>8s}"]
+    for run, row in zip(runs, rows, strict=True):
         s = run["summary"]
         nm = s["nm"] if uses_masks(s["method"]) else "-"
+        ratio = row["wall_vs_dense"][0]
         lines.append(f"{s['method']:10s} {nm:6s} {s['top1']:7.2f} {s['best_top1']:7.2f} "
                      f"{s['train_flops_ratio']:10.3f}x {s['train_flops_ratio_hw']:8.3f}x "
-                     f"{s['wall_time_s']:7.1f}")
+                     f"{s['wall_time_s']:7.1f} {'-' if ratio != ratio else f'{ratio:.3f}x':>8s}")
     return lines
 
 
@@ -403,6 +432,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
     rows = [group_row(g) for g in groups]
+    add_wall_ratios(groups, rows)
     labels = [label(r) + (f" s{r['summary'].get('seed', r['config'].get('seed'))}" if len(g) > 1 else "")
               for g in groups for r in g]
     ordered = [r for g in groups for r in g]
@@ -412,7 +442,9 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
              f"{len(runs)} run(s) in {len(groups)} configuration(s). The headline is the **last-epoch** "
              "top-1; with several seeds of one configuration, mean ± sample standard deviation.",
              "Training FLOPs are ratios to dense training of the same model for the nominal epochs, "
-             "under rule 'paper' and rule 'nm-hardware' (docs/flops.md).", "",
+             "under rule 'paper' and rule 'nm-hardware' (docs/flops.md). 'wall vs dense' is the measured "
+             "wall time over that of the dense run of the same recipe, where one is among the runs: what this "
+             "machine really spent, beside what the FLOPs promise.", "",
              "## Runs", "", *summary_table(rows), "",
              "## Accuracy over training", "", f"![test top-1 and loss]({curves.name})", "",
              "## Top-1 against training FLOPs", "", f"![top-1 vs training FLOPs]({scatter.name})", "",

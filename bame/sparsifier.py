@@ -19,7 +19,6 @@ Like ``torch.optim`` and ``torch.ao.pruning`` it offers ``state_dict()``/``load_
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -34,8 +33,6 @@ from bame.errors import CheckpointError, ConfigError
 from bame.flops import Charge
 from bame.nm import backward_mask, block_flips, blocking_problem, format_nm, from_blocks, to_blocks
 from bame.policy import LayerFilter, select_layers
-
-log = logging.getLogger("bame")
 
 _STATE_VERSION = 2  # 2: the layers' statistics hold the per-iteration re-selection counters
 #: Per-iteration re-selections are aggregated into one event per layer every ``ceil(T / EVENTS_PER_RUN)``
@@ -78,6 +75,8 @@ class SparseLayer:
         self.par.register_buffer("flips", torch.zeros(3, dtype=torch.int64, device=self.mask.device),
                                  persistent=False)  # a buffer: it follows model.to(device), no host copies
         self.window = 0  # re-selections since the last aggregated event
+        self.input_seen: tuple | None = None  # (shape, dtype, device) of the first training input (watch_input)
+        self._watch: Any = None
 
     # -- tensors -----------------------------------------------------------------------------------
     @property
@@ -123,6 +122,24 @@ class SparseLayer:
             self.par.register_buffer(name, tensor, persistent=False)
         if backward:  # BAME-dagger: the backward mask becomes a subset of the slots
             self.par.bwd_keep = torch.zeros(self.par.indices.shape, dtype=torch.bool, device=self.mask.device)
+        if plan_kernels and self.input_seen is not None:  # planned now, so that a checkpoint holds the plan
+            self.par.plan = compressed.choose_products(self.par, self.module, *self.input_seen)
+        if self._watch is not None:
+            self._watch.remove()
+            self._watch = None
+
+    def watch_input(self) -> None:
+        """Record the first training input's shape (a one-off hook): the compressed products' plan is chosen
+        for it at the switch, not at the next forward, so that a checkpoint between the two holds it."""
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling() and args:
+                x = args[0]
+                self.input_seen = (tuple(x.shape), x.dtype, x.device)
+                self._watch.remove()
+                self._watch = None
+
+        self._watch = self.module.register_forward_pre_hook(hook)
 
     def blocks(self, tensor: torch.Tensor) -> torch.Tensor:
         """A weight-shaped tensor as its ``(K, M)`` block view."""
@@ -205,7 +222,9 @@ class Sparsifier:
         self.dense_layers: dict[str, str] = {}  # weight name -> why it stays dense
         self.events: list[dict[str, Any]] = []  # per-update, per-layer statistics (drained by the engine)
         self.step_callbacks: list[Callable[[int], None]] = []  # called with t after each step
-        self.switch_callbacks: list[Callable[[], None]] = []  # called once the layers are stored compressed
+        # called once the layers are stored compressed (at the switch, or loading a state saved after it):
+        # whatever holds the old parameters (a DistributedDataParallel wrapper) must be rebuilt
+        self.switch_callbacks: list[Callable[[], None]] = []
         self.record_every = math.ceil(method.total_steps / EVENTS_PER_RUN) if method.total_steps else 100
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_keeps_zeros = False
@@ -217,11 +236,19 @@ class Sparsifier:
             self.bind(optimizer)
         for layer in self.layers:
             self._init_layer(layer)
+            if storage == "compressed" and kernel == "sparse":
+                layer.watch_input()
         self._ddp_ignore_buffers()
         self.prepare(self.step_count)
-        if verbose:
-            for name, reason in self.dense_layers.items():
-                log.info("%s stays dense: %s", name, reason)
+        if verbose and self.dense_layers:  # a warning, not a log line: seen without configuring logging
+            warnings.warn(self.dense_summary(), stacklevel=3)
+
+    def dense_summary(self, shown: int = 6) -> str:
+        """One line naming the weight layers that stay dense, and why."""
+        items = [f"{name} ({reason})" for name, reason in self.dense_layers.items()]
+        more = f"; and {len(items) - shown} more (sparsifier.dense_layers)" if len(items) > shown else ""
+        return (f"bame: {len(items)} of {len(items) + len(self.layers)} weight layers stay dense: "
+                + "; ".join(items[:shown]) + more)
 
     # -- construction ----------------------------------------------------------------------------------
     def _select(self, include: Iterable[str], exclude: Iterable[str], layer_filter: LayerFilter | None) -> None:
@@ -266,8 +293,6 @@ class Sparsifier:
         for layer in self.layers:
             layer.compress(self.optimizer, plan_kernels=self.kernel == "sparse")
         self._parameters_changed()
-        for callback in self.switch_callbacks:
-            callback()
 
     def _index_groups(self) -> None:
         """Which param group holds each sparse weight, by group *index* (``optimizer.load_state_dict``
@@ -285,6 +310,8 @@ class Sparsifier:
         self._ddp_ignore_buffers()
         if self.optimizer is not None:
             self._index_groups()
+        for callback in self.switch_callbacks:
+            callback()
 
     def _init_layer(self, layer: SparseLayer) -> None:
         """Backward mask (where the method wants one and the layer allows it) and per-layer state."""
@@ -423,6 +450,7 @@ class Sparsifier:
         extra = self.method.proposal_stats(t, layer, w, g, old, lr)
         new, frozen_fraction = self.method.restrict(t, layer, old, proposal, w)
         per_block = block_flips(old, new)  # (K,) int32
+        proposed = torch.count_nonzero(proposal != old)  # before the commit: ``old`` views the mask it changes
         layer.state("sad").add_(per_block)
         layer.frozen_fraction = frozen_fraction
         layer.count(self.commit(layer, new, "changed", count=True))
@@ -432,7 +460,7 @@ class Sparsifier:
         stats = layer.stats
         self.events.append({
             "step": t, "layer": layer.name, "updates": stats["updates"], "last_flips": stats["last_flips"],
-            "total_flips": stats["total_flips"], "proposed_flips": int(torch.count_nonzero(proposal != old)),
+            "total_flips": stats["total_flips"], "proposed_flips": int(proposed),
             "changed_blocks": int(torch.count_nonzero(per_block)), "blocks": layer.num_blocks,
             "frozen_fraction": frozen_fraction, **extra,
         })
@@ -525,7 +553,11 @@ class Sparsifier:
     # -- user API ------------------------------------------------------------------------------------------
     def step(self) -> None:
         """Nothing to do: bame acts inside ``optimizer.step()`` (its hooks). Kept so that a loop written for
-        ``torch.ao.pruning`` (``optimizer.step(); sparsifier.step()``) runs unchanged; warns once."""
+        ``torch.ao.pruning`` (``optimizer.step(); sparsifier.step()``) runs unchanged; warns once.
+        Refused after :meth:`squash`."""
+        if self._squashed:
+            raise ConfigError("this sparsifier is detached: squash() baked its masks into plain weights and "
+                              "removed its hooks; sparsify the model again to train it sparse")
         if not getattr(self, "_warned_step", False):
             warnings.warn("sparsifier.step() does nothing: bame updates masks inside optimizer.step(); "
                           "the iteration count is sparsifier.step_count", stacklevel=2)
@@ -565,7 +597,11 @@ class Sparsifier:
         return rows
 
     def __repr__(self) -> str:
-        lines = [f"Sparsifier(method={self.method.name}, nm={format_nm(self.n, self.m)}, step={self.step_count})"]
+        head = f"Sparsifier(method={self.method.name}, nm={format_nm(self.n, self.m)}, step={self.step_count}"
+        if self._squashed:  # its masks and statistics describe a model it no longer acts on
+            return (f"{head}, detached: squash() baked the masks of {len(self.layers)} layers into plain weights; "
+                    "it no longer steps)")
+        lines = [head + ")"]
         for row in self.layer_report():
             if row["sparse"]:
                 lines.append(f"  {row['name']:40s} {str(row['shape']):22s} sparse  density={row['density']:.4f}"
@@ -586,6 +622,7 @@ class Sparsifier:
             entry = {"mask": layer.mask.detach().cpu().clone(), "stats": stats}
             if layer.compressed is not None:  # the slot order, for a bit-exact resume of the optimizer state
                 entry["indices"] = layer.compressed.indices.detach().cpu().clone()
+                entry["plan"] = compressed.plan_state(layer.compressed.plan)  # the same products after a resume
             for name in layer.state_names:
                 entry[name] = layer.state(name).detach().cpu().clone()
             layers[layer.name] = entry
@@ -628,6 +665,9 @@ class Sparsifier:
                 layer.compress(self.optimizer, state["layers"][layer.name]["indices"].to(layer.mask.device),
                                plan_kernels=self.kernel == "sparse")
             self._parameters_changed()
+        for layer in self.layers:
+            if layer.compressed is not None and "plan" in state["layers"][layer.name]:
+                layer.compressed.plan = compressed.load_plan(state["layers"][layer.name]["plan"])
         step = self.plan(self.step_count)
         for layer in self.layers:
             self._refresh(self.step_count, layer, step)

@@ -10,6 +10,11 @@ The targets of compressed storage (``bame.sparsify(..., storage="compressed")``)
   fastest memory layout (NCHW or channels_last, whichever is faster here): >= 1.5x.
 * ``vit``: ``vit_tiny`` (4x4 patches, 65 tokens per image, batch 128) at 1:16: >= 1.5x.
 * ``memory``: peak training memory of the MLP at 1:16, each variant in a fresh process: <= 0.5x dense.
+* ``run``: whole ``bame train`` runs (digits, the registry's ``mlp`` at ``--dim``/``--hidden``/``--depth``,
+  16 tokens of 2x2 patches per image, batch 16 = 256 token rows per step, 3 epochs): BAME 1:16 with the
+  paper's default schedule (t_i = T/3, t_f = 2T/3, delta_t = 100; the gradual phase, epoch 1, trains dense
+  storage) and ``--storage compressed``, against the dense run: <= 0.65x its wall time. Runs alternate,
+  the median of ``min(--repeats, 3)`` pairs decides; the per-epoch walls give each phase's ratio.
 
 Every candidate of a part runs interleaved (:func:`common.time_round_robin`), median of ``--repeats`` after
 the warm-up (which also times every layer's plan). The BAME candidates start compressed (``t_i = 0``); the
@@ -18,6 +23,7 @@ prepares it, as the step post-hook does in training.
 
     python benchmarks/bench_compressed.py --repeats 10 --out results/bench_compressed.json
     python benchmarks/bench_compressed.py --quick --out /tmp/bench_compressed.json
+    python benchmarks/bench_compressed.py --parts run --repeats 3 --out results/bench_compressed_run.json
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +52,7 @@ MLP_TARGETS = {"1:16": {"static": 2.5, "bame": 2.3}, "1:8": {"static": 1.6, "bam
                "1:4": {"static": 1.15, "bame": 1.15}, "2:4": {"static": 0.97, "bame": 0.97}}
 MODEL_TARGET = 1.5  # resnet32 and vit at 1:16
 MEMORY_TARGET = 0.5
+RUN_TARGET = 0.65  # a whole bame train run, BAME 1:16 (compressed) over dense, wall time
 EVOLUTION = {"t_i": 0, "t_f": common.TOTAL_STEPS, "delta_t": common.DELTA_T}
 
 
@@ -62,7 +70,7 @@ class Block(nn.Module):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(ap, "results/bench_compressed.json", default_repeats=10)
-    ap.add_argument("--parts", default="mlp,resnet32,vit,memory", help="comma-separated parts")
+    ap.add_argument("--parts", default="mlp,resnet32,vit,memory,run", help="comma-separated parts")
     ap.add_argument("--patterns", default=",".join(PATTERNS), help="N:M patterns of the mlp part")
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--hidden", type=int, default=4096)
@@ -70,11 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--batch", type=int, default=128, help="images per batch (resnet32, vit)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--run-epochs", type=int, default=3, help="epochs of the whole runs (run part)")
+    ap.add_argument("--run-delta-t", type=int, default=100, help="BAME's delta_t in the whole runs (run part)")
     ap.add_argument("--memory-child", default="", help=argparse.SUPPRESS)  # internal: one memory measurement
     args = ap.parse_args(argv)
     if args.quick:
         args.dim, args.hidden, args.depth, args.tokens, args.batch = 32, 64, 1, 16, 4
-        args.repeats, args.warmup, args.patterns = min(args.repeats, 2), 1, "1:16"
+        args.repeats, args.warmup, args.patterns, args.run_epochs = min(args.repeats, 2), 1, "1:16", 1
+        args.run_delta_t = 10
     return args
 
 
@@ -219,6 +230,44 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
             "runs": runs}
 
 
+# -- run: whole bame train runs ------------------------------------------------------------------------------
+def run_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The dense run and BAME 1:16 with compressed storage, the paper's default schedule."""
+    base = {"dataset": "digits", "model": "mlp", "width": 1.0, "epochs": args.run_epochs, "batch_size": 16,
+            "seed": 0, "device": "cpu", "lr": common.LR, "momentum": common.MOMENTUM,
+            "weight_decay": common.WEIGHT_DECAY,
+            "model_options": {"dim": args.dim, "depth": args.depth, "mlp_ratio": args.hidden / args.dim,
+                              "patch_size": 2}}
+    return {"dense": {**base, "method": "dense"},
+            "bame": {**base, "method": "bame", "nm": "1:16", "storage": "compressed",
+                     "method_options": {"delta_t": args.run_delta_t}}}
+
+
+def run_part(args: argparse.Namespace) -> dict[str, Any]:
+    from bame import config, engine
+
+    configs = run_configs(args)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(max(1, min(args.repeats, 3))):
+            for name, cfg in configs.items():
+                out = os.path.join(tmp, f"{name}-{r}")
+                summary = engine.fit(config.build(cfg), out)
+                with open(os.path.join(out, "metrics.jsonl")) as f:
+                    epochs = [json.loads(line)["wall_s"] for line in f]
+                runs[name].append({"wall_s": summary["wall_time_s"], "epoch_wall_s": epochs, "top1": summary["top1"],
+                                   "flops_ratio": summary["train_flops_ratio"],
+                                   "flops_ratio_hw": summary["train_flops_ratio_hw"]})
+                common.log(f"run {name} #{r}: {summary['wall_time_s']:.1f} s, top-1 {summary['top1']:.2f}%")
+    wall = {name: common.median([r["wall_s"] for r in rs]) for name, rs in runs.items()}
+    epochs = {name: [common.median(list(e)) for e in zip(*[r["epoch_wall_s"] for r in rs], strict=True)]
+              for name, rs in runs.items()}
+    per_epoch = [b / d for b, d in zip(epochs["bame"], epochs["dense"], strict=True)]
+    return {"config": configs, "runs": runs, "wall_s": wall, "epoch_wall_s": epochs,
+            "ratio": wall["bame"] / wall["dense"], "epoch_ratio": per_epoch,
+            "flops_ratio": runs["bame"][0]["flops_ratio"], "flops_ratio_hw": runs["bame"][0]["flops_ratio_hw"]}
+
+
 # -- report -----------------------------------------------------------------------------------------------
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
@@ -236,6 +285,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 result[part]["speedup"]["static"], MODEL_TARGET)
             add(f"{part} 1:16 bame (amortised) >= {MODEL_TARGET}x dense", result[part]["speedup"]["bame"],
                 MODEL_TARGET)
+    if "run" in result:
+        add(f"bame train BAME 1:16 (compressed) wall <= {RUN_TARGET}x the dense run", result["run"]["ratio"],
+            RUN_TARGET, higher=False)
     if "memory" in result:
         for v in ("static", "bame"):
             add(f"mlp 1:16 {v} peak training memory <= {MEMORY_TARGET}x dense", result["memory"]["ratio"][v],
@@ -269,6 +321,15 @@ def print_tables(result: dict[str, Any]) -> None:
         print("\nmlp 1:16 peak training memory (MB over the RSS before the model was built)")
         print(common.format_table(["variant", "training MB", "x dense"],
                                   [[v, mem["training_mb"][v], mem["ratio"][v]] for v in mem["training_mb"]]))
+    if "run" in result:
+        run = result["run"]
+        print(f"\nwhole bame train runs ({result['config']['run_epochs']} epochs, "
+              f"median of {len(run['runs']['dense'])})")
+        rows = [[name, run["wall_s"][name], run["wall_s"][name] / run["wall_s"]["dense"],
+                 common.median([r["top1"] for r in run["runs"][name]])] for name in run["wall_s"]]
+        print(common.format_table(["run", "wall s", "x dense", "top-1 %"], rows))
+        print("  per epoch, bame over dense: " + ", ".join(f"{r:.2f}x" for r in run["epoch_ratio"])
+              + f"; training FLOPs {run['flops_ratio']:.3f}x (paper rule), {run['flops_ratio_hw']:.3f}x (nm-hw)")
     print("\ntargets:")
     for t in result["targets"]:
         print(f"  [{'PASS' if t['pass'] else 'FAIL'}] {t['target']}: {t['value']:.3f}")
@@ -285,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "bench_compressed", "machine": common.machine_info(),
         "config": {"dim": args.dim, "hidden": args.hidden, "depth": args.depth, "tokens": args.tokens,
                    "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+                   "run_epochs": args.run_epochs, "run_delta_t": args.run_delta_t,
                    "delta_t": common.DELTA_T, "lr": common.LR, "momentum": common.MOMENTUM,
                    "weight_decay": common.WEIGHT_DECAY,
                    "native": "available" if native.available() else native.unavailable_reason()},
@@ -296,6 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result[part] = model_part(part, args)
     if "memory" in parts:
         result["memory"] = memory_part(args)
+    if "run" in parts:
+        result["run"] = run_part(args)
     result["targets"] = targets(result)
     result["bame_source_end"] = common.check_source(result["machine"]["bame_source"])
     common.write_json(args.out, result)

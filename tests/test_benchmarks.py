@@ -106,3 +106,18 @@ def test_bench_kernels(tmp_path):
         assert r["plan"]["reason"].startswith(f"{r['pattern']} 64x128 T=8")
         for product in ("fwd", "dx", "dw"):  # a formulation was timed for every product, even a dense pick
             assert r["plan"]["timed"][product] != "dense"
+
+
+def test_bench_compressed(tmp_path):
+    record = run("bench_compressed", tmp_path, "--parts", "mlp,vit,memory,run")
+    check_machine(record)
+    assert set(record["mlp"]) == {"1:16"}
+    for rec in (record["mlp"]["1:16"], record["vit"]):
+        assert set(rec["ms"]) == {"dense", "static", "bame", "bame/update"} and rec["dense_ms"] > 0
+        assert set(rec["speedup"]) == {"static", "bame", "bame_ordinary"}
+        assert all(note.startswith("compressed; ") for note in rec["plans"].values())
+    assert set(record["memory"]["ratio"]) == {"dense", "static", "bame"} and record["memory"]["ratio"]["dense"] == 1
+    run_rec = record["run"]
+    assert set(run_rec["wall_s"]) == {"dense", "bame"} and len(run_rec["epoch_ratio"]) == 1
+    assert run_rec["config"]["bame"]["storage"] == "compressed" and 0 < run_rec["flops_ratio"] < 1
+    assert [t["target"].split()[0] for t in record["targets"]] == ["mlp", "mlp", "vit", "vit", "bame", "mlp", "mlp"]

@@ -112,6 +112,30 @@ def test_every_iteration_reselection_counts_its_flips(method):
     assert sum(e["last_flips"] for e in events) == sp.layers[0].stats["total_flips"]
 
 
+@pytest.mark.parametrize("accept", [False, True], ids=["held", "accepted"])
+@pytest.mark.parametrize("storage", ["dense", "compressed"])
+def test_evolution_events_count_proposed_and_committed_flips_against_the_old_mask(storage, accept, monkeypatch):
+    """OBF holding every block back, or letting every proposal through: the flips LMA proposed and those
+    committed, both counted against the mask before the update (in dense storage the old mask is a view
+    of the mask the commit changes)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sp = bame.sparsify(model, opt, "bame", "1:4", total_steps=40, t_i=0, t_f=40, delta_t=2,
+                       layer_filter=lambda n, m: True, verbose=False, storage=storage)
+    seen = []
+
+    def restrict(t, layer, old, proposal, w):
+        seen.append(int((proposal != old).sum()))
+        return (proposal if accept else old).clone(), 0.0 if accept else 1.0
+
+    monkeypatch.setattr(sp.method, "restrict", restrict)
+    run(model, opt, 5)
+    events = [e for e in sp.pop_events() if "proposed_flips" in e]
+    assert len(events) == len(seen) == 3 * len(sp.layers)  # updates at t = 0, 2, 4
+    assert [e["proposed_flips"] for e in events] == seen and sum(seen) > 0
+    assert [e["last_flips"] for e in events] == (seen if accept else [0] * len(seen))
+
+
 def test_reselection_events_are_aggregated_over_windows():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

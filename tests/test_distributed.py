@@ -77,20 +77,32 @@ def _library(out: Path, rank: int) -> None:
         dist.destroy_process_group()
 
 
-def _engine(out: Path, rank: int) -> None:
+def _fit_and_keep(out: Path, rank: int, name: str, changes: dict) -> None:
+    """``engine.fit`` of RUN with ``changes``; each rank saves its final weights and state as NAME-rankR.pt."""
     original = engine.finish
 
     def finish(run: engine.Run, last: dict) -> dict:
+        held = {id(p) for p in run.net.parameters()}  # what the DistributedDataParallel wrapper syncs
         state = {"weights": checkpoint.plain_state_dict(run.model, run.sparsifier.masks()),
-                 "sparsifier": run.sparsifier.state_dict(), "step": run.sparsifier.step_count}
-        torch.save(state, out / f"engine-rank{rank}.pt")
+                 "sparsifier": run.sparsifier.state_dict(), "step": run.sparsifier.step_count,
+                 "wrapper_holds_the_weights": all(id(layer.weight) in held for layer in run.sparsifier.layers)}
+        torch.save(state, out / f"{name}-rank{rank}.pt")
         return original(run, last)
 
     engine.finish = finish
     try:
-        engine.fit(config.build(RUN), out / "engine-run", force=True)
+        engine.fit(config.build({**RUN, **changes}), out / f"{name}-run", force=True)
     finally:
         engine.finish = original
+
+
+def _engine(out: Path, rank: int) -> None:
+    _fit_and_keep(out, rank, "engine", {})
+
+
+def _compressed(out: Path, rank: int) -> None:
+    """Compressed storage from t_i on, with the timed sparse-kernel plans (rank 0's, on every rank)."""
+    _fit_and_keep(out, rank, "compressed", {"storage": "compressed"})
 
 
 def _perturb(out: Path, rank: int) -> None:
@@ -114,7 +126,7 @@ def _perturb(out: Path, rank: int) -> None:
     (out / f"perturb-rank{rank}.json").write_text(json.dumps({"message": message, "checks": calls}))
 
 
-SCENARIOS = {"library": _library, "engine": _engine, "perturb": _perturb}
+SCENARIOS = {"library": _library, "engine": _engine, "compressed": _compressed, "perturb": _perturb}
 
 
 def _worker(names: list[str], out: Path) -> None:
@@ -192,6 +204,17 @@ def test_engine_ranks_hold_identical_weights_masks_and_state(ranks):
     assert_same(a, b, "rank 0 vs rank 1")
     osc = [v["osc"] for v in a["sparsifier"]["layers"].values()]
     assert any(o.abs().sum() > 0 for o in osc), "OBF never ran: the comparison of its state would be empty"
+
+
+def test_compressed_storage_ranks_hold_identical_values_masks_and_plans(ranks):
+    a, b = (torch.load(ranks / f"compressed-rank{r}.pt", weights_only=True) for r in range(WORLD))
+    assert a["step"] == b["step"] == RUN["max_steps"]
+    assert_same(a, b, "rank 0 vs rank 1")  # the sparsifier states hold the slots and the chosen plans
+    layers = a["sparsifier"]["layers"].values()
+    assert a["sparsifier"]["switched"] and all(layer["plan"] is not None for layer in layers)
+    assert a["wrapper_holds_the_weights"]  # DistributedDataParallel was rebuilt on the values at the switch
+    dense = torch.load(ranks / "engine-rank0.pt", weights_only=True)
+    assert dense["wrapper_holds_the_weights"]
 
 
 def test_two_ranks_equal_one_process_with_the_same_global_batch(ranks, single):

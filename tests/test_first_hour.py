@@ -16,16 +16,20 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from helpers import ROOT, assert_same, checkpoint_state, lines, subprocess_env, weights
+from helpers import ROOT, assert_same, checkpoint_state, free_port, lines, run_bame, subprocess_env, weights
 from torch import nn
 
+import bame
 from bame import checkpoint, config, models
 from bame.cli import build_parser, main
 from bame.cli.train import worker_env
+from bame.errors import ConfigError
 from bame.policy import select_layers
 
 # -- 2: --nproc sets the workers' threads as torchrun does -------------------------------------------------
@@ -219,3 +223,95 @@ def test_a_patch_embedding_is_dense_by_the_policy():
     reasons = {c.name: c.reason for c in select_layers(plain, 4, "cin")}
     assert reasons == {"0": "stem / patch embedding (the model's bame_dense_layers)", "1": None,
                        "3": "classifier head (the model's bame_dense_layers)"}
+
+
+# -- 1: sparsify a DistributedDataParallel wrapper -------------------------------------------------------------
+
+
+def test_sparsifying_a_ddp_wrapper_is_refused_in_one_line(tmp_path):
+    """Its reducer holds the weights bame replaces: the second step used to fail inside DDP."""
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import torch, torch.distributed as dist, bame\n"
+        "from bame.errors import ConfigError\n"
+        "dist.init_process_group('gloo', rank=0, world_size=1, init_method='tcp://127.0.0.1:%d')\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))\n"
+        "ddp = torch.nn.parallel.DistributedDataParallel(net)\n"
+        "try:\n"
+        "    bame.sparsify(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), 'bame', '2:4', total_steps=40)\n"
+        "except ConfigError as err:\n"
+        "    print(err)\n"
+        "dist.destroy_process_group()\n".replace("%d", str(free_port())))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ("sparsify the model before wrapping it in DistributedDataParallel: "
+                                   "bame.sparsify(model, ...), then DistributedDataParallel(model)")
+
+
+# -- 3: a schedule in which the method's mechanism never runs ---------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["bame", "lma", "rigl_nm"])
+def test_an_evolution_phase_without_an_update_is_warned_with_the_numbers(method):
+    net = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    with pytest.warns(UserWarning) as seen:
+        bame.sparsify(net, torch.optim.SGD(net.parameters(), lr=0.1), method, "2:4", total_steps=30, verbose=False)
+    assert [str(w.message) for w in seen] == [
+        f"{method}: delta_t=100 leaves the evolution phase [10, 20) of this 30-step run without a single mask "
+        "update (the first would come at 100): pass delta_t at most 10, or a longer run"]
+    assert seen[0].filename == __file__  # points at the user's sparsify line
+    # one update in the window is enough; t_f = t_i (no evolution phase at all) is the control, allowed
+    for options in ({"delta_t": 10}, {"delta_t": 4, "t_i": 13, "t_f": 17}, {"t_f": 1 / 3}):
+        net = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            bame.sparsify(net, torch.optim.SGD(net.parameters(), lr=0.1), method, "2:4", total_steps=30,
+                          verbose=False, **options)
+
+
+def test_bame_train_warns_about_such_a_schedule_in_one_line(tmp_path):
+    done = run_bame(["train", "--dataset", "digits", "--method", "bame", "--epochs", "1", "--delta-t", "500",
+                     "--max-steps", "6", "--out", str(tmp_path / "run")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if "delta_t" in line] == [
+        "bame: warning: bame: delta_t=500 leaves the evolution phase [2, 4) of this 6-step run without a single "
+        "mask update (the first would come at 500): pass delta_t at most 2, or a longer run"]
+
+
+# -- 10: a squashed sparsifier says it is detached ---------------------------------------------------------------
+
+
+def test_a_squashed_sparsifier_says_it_is_detached_and_refuses_to_step():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sp = bame.sparsify(net, opt, "sr_ste", "2:4", layer_filter=lambda n, m: True, verbose=False)
+    assert "density=0.5000" in repr(sp)
+    sp.squash()
+    assert repr(sp) == ("Sparsifier(method=sr_ste, nm=2:4, step=0, detached: squash() baked the masks of 2 layers "
+                        "into plain weights; it no longer steps)")
+    with pytest.raises(ConfigError, match="^this sparsifier is detached: squash"):
+        sp.step()
+    before = [p.detach().clone() for p in net.parameters()]
+    net(torch.randn(4, 16)).sum().backward()
+    opt.step()  # a plain optimizer again: no hook runs, the count stays
+    assert sp.step_count == 0 and any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+# -- 11: which layers stay dense, seen without configuring logging -----------------------------------------------
+
+
+def test_layers_left_dense_are_a_warning_in_one_line():
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(), nn.LazyLinear(10))
+    net(torch.randn(1, 3, 8, 8))
+    with pytest.warns(UserWarning) as seen:
+        sp = bame.sparsify(net, torch.optim.SGD(net.parameters(), lr=0.1), "static", "2:4")
+    messages = [str(w.message) for w in seen if "stay dense" in str(w.message)]
+    assert messages == ["bame: 2 of 3 weight layers stay dense: 0.weight (input channels=3 not divisible by M=4); "
+                        "4.weight (classifier head)"]
+    assert seen[0].filename == __file__  # points at the user's line
+    assert sp.dense_layers == {"0.weight": "input channels=3 not divisible by M=4", "4.weight": "classifier head"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bame.sparsify(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), None, "static", "2:4", verbose=False)

@@ -103,6 +103,28 @@ def test_grouping_and_spread_by_hand():
     assert report.mean_std([5.0]) == (5.0, None) and report._fmt((92.0, 2.0)) == "92.00 ± 2.00"
 
 
+def test_wall_time_beside_the_dense_run_of_the_same_recipe_by_hand():
+    def run(seed: int, method: str, wall: float, lr: float = 0.1, storage: str = "dense") -> dict:
+        made = fake(seed, lr=lr)
+        made["config"].update(method=method, storage=storage, method_options={"delta_t": 5})
+        made["summary"].update(method=method, wall_time_s=wall)
+        return made
+
+    runs = [run(0, "dense", 10.0), run(1, "dense", 14.0), run(0, "bame", 5.0, storage="compressed"),
+            run(1, "bame", 7.0, storage="compressed"), run(0, "bame", 9.0, lr=0.05)]
+    groups = report.group_runs(runs)
+    rows = [report.group_row(g) for g in groups]
+    report.add_wall_ratios(groups, rows)
+    ratios = [row["wall_vs_dense"][0] for row in rows]
+    # dense: 12 / 12; compressed bame: mean(5, 7) / mean(10, 14) = 0.5; another lr: another recipe, no dense run
+    assert ratios[:2] == [1.0, 0.5] and ratios[2] != ratios[2]
+    table = report.summary_table(rows)
+    assert table[0].split("|")[12].strip() == "wall vs dense"
+    assert [line.split("|")[12].strip() for line in table[2:]] == ["1.000x", "0.500x", "-"]
+    text = report.runs_table([runs[0], runs[2]])
+    assert text[1].split()[-1] == "1.000x" and text[2].split()[-1] == "0.500x"
+
+
 def test_sad_stats_by_hand():
     sad = np.array([0] * 18 + [1, 9])  # 20 blocks; the top 5 % is 1 block, with 9 of the 10 flips
     assert report.sad_stats(sad) == {"never": 0.9, "max": 9, "top_share": 0.9}

@@ -85,6 +85,16 @@ class BlockEvolution(Method):
     def resolved_options(self) -> dict:
         return {**super().resolved_options(), "t_i": self.t_i, "t_f": self.t_f}
 
+    def schedule_problem(self) -> str | None:
+        """An evolution phase without a single update: the method's defining mechanism would never run."""
+        delta_t = self.options.delta_t
+        first = -(-self.t_i // delta_t) * delta_t  # the first update iteration at or after t_i
+        if self.t_f > self.t_i and first >= self.t_f:  # t_f == t_i is the deliberate no-evolution control
+            return (f"{self.name}: delta_t={delta_t} leaves the evolution phase [{self.t_i}, {self.t_f}) of this "
+                    f"{self.total_steps}-step run without a single mask update (the first would come at {first}): "
+                    f"pass delta_t at most {self.t_f - self.t_i}, or a longer run")
+        return None
+
     def plan(self, t: int) -> Step:
         o = self.options
         if t < self.t_i:  # gradual: top-k(t) |W| every delta_t; pruned weights train on (dense) or stay zero
