@@ -11,7 +11,7 @@ SHELL  := /bin/bash
 # pip's notes about package-index locations that do not exist here are noise, not errors.
 QUIET  := 2>&1 | sed '/^WARNING: Location/d'
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2 tests
+
+# On a machine with a CUDA GPU: the CUDA tests and bench_gpu.py (one line and exit 0 without a GPU).
+gpu-check: setup
+	bash benchmarks/gpu_check.sh
 
 lint: setup
 	$(BIN)/pip install -q ruff

@@ -121,3 +121,35 @@ def test_bench_compressed(tmp_path):
     assert set(run_rec["wall_s"]) == {"dense", "bame"} and len(run_rec["epoch_ratio"]) == 1
     assert run_rec["config"]["bame"]["storage"] == "compressed" and 0 < run_rec["flops_ratio"] < 1
     assert [t["target"].split()[0] for t in record["targets"]] == ["mlp", "mlp", "vit", "vit", "bame", "mlp", "mlp"]
+
+
+def test_bench_overhead(tmp_path):
+    record = run("bench_overhead", tmp_path, "--backend", "eager")
+    check_machine(record)
+    assert [(r["model"], r["batch"]) for r in record["results"]] == [("resnet18", 2), ("vit_tiny", 2)]
+    for rec in record["results"]:
+        assert set(rec["ms"]) == {"eager dense", "eager bame", "compiled dense", "compiled bame", "eager dense again",
+                                  "infer attached", "infer squashed"}
+        assert set(rec["ratios"]) == {"eager bame/dense", "compiled bame/dense", "A/A eager dense again/dense",
+                                      "inference attached/squashed"}
+    # quick mode times batch 2: only the inference targets apply
+    assert [t["target"].split(" attached")[0] for t in record["targets"]] == ["resnet18 batch 2", "vit_tiny batch 2"]
+
+
+def test_bench_gpu_plumbing_on_the_cpu(tmp_path):
+    record = run("bench_gpu", tmp_path, "--device", "cpu")
+    check_machine(record)
+    assert record["device_name"] == "cpu"
+    for part in ("semi", "deit", "compiled"):
+        assert "skipped" in record[part]
+    train = record["train"]
+    assert len(train) == len(__import__("bame").methods.available()) + 2  # bf16 each, plus fp16 and compressed
+    assert all(v["ok"] and v["steps"] == 3 and v["nm_weights"] for v in train.values())
+    assert [t["pass"] for t in record["targets"]] == [True]
+
+
+def test_gpu_check_says_so_without_a_gpu():
+    done = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                          env={"PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == ["gpu_check: no CUDA device on this machine: nothing to check"]

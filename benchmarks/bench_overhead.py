@@ -1,0 +1,181 @@
+"""What masking costs: BAME's ordinary step against dense training, eager and compiled, and attached inference
+against the squashed model.
+
+The targets of the torch.compile issue, measured on torchvision's ResNet-18 (32x32 inputs, 10 classes) and
+``vit_tiny`` (32x32 images, 4x4 patches), at batch 128 and 8:
+
+* eager: BAME's ordinary step (evolution phase, t = 101, dense storage: masked-dense products) at most 1.05x
+  dense at batch 128 and at most 1.10x at batch 8;
+* compiled (``torch.compile``, inductor): at most 1.03x compiled dense at both batches;
+* inference: a model still attached to its sparsifier, in eval mode under ``torch.no_grad()``, at most 1.02x
+  the squashed model (plain modules holding the N:M weights).
+
+Each (model, batch) runs its candidates interleaved (:func:`common.time_round_robin`), median of ``--repeats``
+after ``--warmup`` rounds (the first compiled calls compile). The A/A line (``dense again``: a second copy of
+the dense model) is the run's noise floor.
+
+    python benchmarks/bench_overhead.py --repeats 10 --out results/bench_overhead.json
+    python benchmarks/bench_overhead.py --quick --out /tmp/bench_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from collections.abc import Callable
+from typing import Any
+
+import common
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bame
+from bame import models
+
+TARGETS = {("eager", 128): 1.05, ("eager", 8): 1.10, ("compiled", 128): 1.03, ("compiled", 8): 1.03}
+INFERENCE_TARGET = 1.02
+BAME = {"t_i": 0, "t_f": common.TOTAL_STEPS, "delta_t": common.DELTA_T}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(ap, "results/bench_overhead.json", default_repeats=10)
+    ap.add_argument("--models", default="resnet18,vit_tiny", help="comma-separated: resnet18, vit_tiny")
+    ap.add_argument("--batches", default="128,8", help="comma-separated batch sizes")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed rounds (compilation happens here)")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend ('none': skip compiled)")
+    ap.add_argument("--nm", default="2:4")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeats, args.warmup = "2", min(args.repeats, 2), 1
+    return args
+
+
+def build(name: str, quick: bool) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "resnet18":
+        import torchvision
+
+        if quick:  # one BasicBlock per stage
+            return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
+                                                    num_classes=10)
+        return torchvision.models.resnet18(num_classes=10)
+    if name == "vit_tiny":
+        return models.create("vit_tiny", num_classes=10, image_size=32, patch_size=4, **({"depth": 1} if quick else {}))
+    raise SystemExit(f"bench_overhead: unknown model {name!r} (resnet18, vit_tiny)")
+
+
+def trainee(base: nn.Module, sparse: bool, nm: str, backend: str | None) -> tuple[Callable[..., Any], Any, Any]:
+    """A copy of ``base`` with SGD, BAME attached (dense storage) if ``sparse``, compiled if ``backend``."""
+    model = copy.deepcopy(base).train()
+    opt = torch.optim.SGD(model.parameters(), lr=common.LR, momentum=common.MOMENTUM, weight_decay=common.WEIGHT_DECAY)
+    sp = None
+    if sparse:
+        sp = bame.sparsify(model, opt, "bame", nm, total_steps=common.TOTAL_STEPS, verbose=False, **BAME)
+    net = torch.compile(model, backend=backend) if backend else model
+    return net, opt, sp
+
+
+def train_step(net: Callable[..., Any], opt: Any, sp: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One whole step; BAME's iteration is set to an ordinary evolution-phase one first (harness only)."""
+
+    def run() -> None:
+        if sp is not None:
+            sp.step_count = common.DELTA_T + 1
+            sp.prepare(sp.step_count)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return run
+
+
+def inference(net: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            net(x)
+
+    return run
+
+
+def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
+    base = build(name, args.quick)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    cands: dict[str, Callable[[], None]] = {}
+    sparsifiers = []
+    modes = [("eager", None)] + ([("compiled", args.backend)] if args.backend != "none" else [])
+    for mode, backend in modes:
+        for label, sparse in (("dense", False), ("bame", True)):
+            net, opt, sp = trainee(base, sparse, args.nm, backend)
+            cands[f"{mode} {label}"] = train_step(net, opt, sp, x, y)
+            if sp is not None:
+                sparsifiers.append(sp)
+    net, opt, sp = trainee(base, False, args.nm, None)
+    cands["eager dense again"] = train_step(net, opt, sp, x, y)  # the A/A control
+    # inference: a model attached to its sparsifier (BAME's masks, eval) against the same model squashed
+    attached, squashed = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
+    for model in (attached, squashed):  # the same weights, so the same masks
+        sp = bame.sparsify(model, None, "bame", args.nm, total_steps=common.TOTAL_STEPS, verbose=False, **BAME)
+        sp.step_count = common.DELTA_T + 1
+        sp.prepare(sp.step_count)
+    sp.squash()  # the second one
+    cands["infer attached"] = inference(attached, x)
+    cands["infer squashed"] = inference(squashed, x)
+    common.log(f"{name} batch {batch}: {len(cands)} candidates")
+    load = list(os.getloadavg())
+    samples = common.time_round_robin(cands, args.repeats, args.warmup,
+                                      on_round=lambda r: [s.pop_events() for s in sparsifiers])
+    ms = {k: common.median(v) for k, v in samples.items()}
+    ratios = {f"{mode} bame/dense": ms[f"{mode} bame"] / ms[f"{mode} dense"] for mode, _ in modes}
+    ratios["A/A eager dense again/dense"] = ms["eager dense again"] / ms["eager dense"]
+    ratios["inference attached/squashed"] = ms["infer attached"] / ms["infer squashed"]
+    return {"model": name, "batch": batch, "ms": ms, "samples_ms": samples, "ratios": ratios,
+            "loadavg": {"before": load, "after": list(os.getloadavg())}}
+
+
+def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for rec in results:
+        for (mode, batch), limit in TARGETS.items():
+            key = f"{mode} bame/dense"
+            if rec["batch"] == batch and key in rec["ratios"]:
+                value = rec["ratios"][key]
+                out.append({"target": f"{rec['model']} batch {batch} {mode} BAME ordinary step <= {limit}x dense",
+                            "value": value, "limit": limit, "pass": bool(value <= limit)})
+        value = rec["ratios"]["inference attached/squashed"]
+        out.append({"target": f"{rec['model']} batch {rec['batch']} attached inference <= {INFERENCE_TARGET}x "
+                              "squashed", "value": value, "limit": INFERENCE_TARGET,
+                    "pass": bool(value <= INFERENCE_TARGET)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    common.apply_threads(args.threads)
+    results = [measure(name.strip(), int(b), args) for name in args.models.split(",") if name.strip()
+               for b in args.batches.split(",") if b.strip()]
+    record = {"benchmark": "bench_overhead", "machine": common.machine_info(),
+              "config": {"models": args.models, "batches": args.batches, "repeats": args.repeats,
+                         "warmup": args.warmup, "backend": args.backend, "nm": args.nm, "quick": args.quick},
+              "results": results, "targets": targets(results)}
+    record["bame_source_end"] = common.check_source(record["machine"]["bame_source"])
+    common.write_json(args.out, record)
+    m = record["machine"]
+    print(f"bench_overhead  torch {m['torch']}  threads {m['threads']}  cpu {m.get('cpu', '?')}  backend "
+          f"{args.backend}  BAME {args.nm}, ordinary evolution step, dense storage")
+    for rec in results:
+        print(f"\n{rec['model']} batch {rec['batch']}")
+        print(common.format_table(["candidate", "ms"], [[k, v] for k, v in rec["ms"].items()]))
+        for k, v in rec["ratios"].items():
+            print(f"  {k}: {v:.3f}x")
+    print("\ntargets:")
+    for t in record["targets"]:
+        print(f"  [{'PASS' if t['pass'] else 'FAIL'}] {t['target']}: {t['value']:.3f}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
