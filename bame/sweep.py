@@ -355,7 +355,7 @@ def validate(plan: Plan) -> None:
 
     for run in plan.runs:
         try:
-            cfg = config.build(run.options)
+            cfg = config.build_run(run.options)  # as bame train builds it: data-set defaults below
             methods.get(cfg.method).make_options(**cfg.method_options)
         except ConfigError as err:
             raise ConfigError(f"sweep run {run.name}: {err}") from None
