@@ -7,7 +7,12 @@ learning rate of that iteration, every weight of a block gets a first-order scor
 * a pruned weight (B = 0): ``eta * G**2`` - the loss decrease from one SGD step after its revival (Eq. 5).
 
 The proposed mask keeps the top-N scores of each block. The paper prints top-(M-N) in Eq. 6; that is a
-typo (it only agrees with top-N for 2:4). Ties break towards the lower index.
+typo (it only agrees with top-N for 2:4). A pruned weight replaces a kept one only with a strictly higher
+score: a tie keeps the kept weight (other ties break towards the lower index). Breaking every tie by index
+alone would, in a block whose gradient is zero this iteration (a dead unit, an input channel that is zero),
+where every score is 0, swap a trained kept weight for a pruned one of lower index, zeroing it with no
+evidence that the swap helps: measured on Fashion-MNIST's small CNN at 1:16, 86 of the 87 blocks the first
+update of a layer changed were such ties.
 
 With an adaptive optimizer (Adam, AdamW) one step moves a revived weight by about eta*sign(G), not
 eta*G, so eta*G^2 is not the exact gain there; bame keeps the paper's formula for every optimizer.
@@ -51,7 +56,15 @@ def propose(
     mask_blocks = mask_blocks.bool()
     if 0 < n < m and native.ready(weight_blocks, grad_blocks, masks=(mask_blocks,), m=m):
         return native.lma_propose(weight_blocks, grad_blocks, mask_blocks, n, lr)  # the same, in one pass
-    return topn_mask(scores(weight_blocks, grad_blocks, mask_blocks, lr), n)
+    return topn_mask(stable_keys(scores(weight_blocks, grad_blocks, mask_blocks, lr), mask_blocks), n)
+
+
+def stable_keys(block_scores: torch.Tensor, mask_blocks: torch.Tensor) -> torch.Tensor:
+    """Scores as float64 keys in which a kept entry beats a pruned one of equal score (and nothing else
+    changes order): a float32 score is exact in float64, and the next float64 above it lies below the next
+    float32 value."""
+    keys = block_scores.double()
+    return torch.where(mask_blocks.bool(), torch.nextafter(keys, torch.full_like(keys, math.inf)), keys)
 
 
 @torch.no_grad()

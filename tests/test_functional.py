@@ -180,6 +180,18 @@ def test_lma_scores_and_proposal_hand_computed():
     assert lma.propose(w, g, b, 2, lr=0.001).tolist() == [[True, True, False, False]]
 
 
+def test_lma_ties_keep_the_kept_weight():
+    """A pruned weight must beat a kept one strictly: a block with zero gradient (all scores 0) keeps its
+    mask, as does an exact tie; a strictly higher pruned score still wins."""
+    w = torch.tensor([[0.0, 0.0, 0.7, 0.0], [0.0, 0.0, 0.5, 0.0], [0.0, 0.0, 0.5, 0.0]])
+    g = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.2, 0.0], [1.0, 0.0, 0.19, 0.0]])
+    b = torch.tensor([[False, False, True, False]] * 3)
+    # row 1: kept |0.2 * 0.5| = 0.1 = pruned 0.1 * 1^2: a tie; row 2: kept 0.095 < 0.1: regrowth wins
+    assert lma.propose(w, g, b, 1, lr=0.1).tolist() == [[False, False, True, False], [False, False, True, False],
+                                                        [True, False, False, False]]
+    assert lma.regrowth(w, g, b, 1, lr=0.1)["regrow_share"] == round(1 / 3, 4)  # the blocks that change
+
+
 def test_lma_is_top_n_not_top_m_minus_n():
     # 1:4: Eq. 6 as printed (top-(M-N) = top-3) would keep three weights; SPEC keeps N = 1
     w = torch.tensor([[1.0, 0.0, 0.0, 0.0]])

@@ -17,6 +17,10 @@ on 3x3 convolutions, and training carries it on), and an evaluation uses the mas
 (the code's ``show_zero_num_and_update_mask`` before validating), not the next epoch's. With both undone the
 two MaxQ runs still give the recorded values bit for bit (:func:`test_maxq_differs_only_by_its_two_fixes`);
 with them, they give :data:`MAXQ_NOW`.
+
+LMA's ties were changed on purpose too (issue 17's study): a pruned weight replaces a kept one only with a
+strictly higher score. The BAME family's runs give :data:`LMA_NOW`; with the old rule, the recorded values
+(:func:`test_lma_differs_only_by_its_tie_rule`).
 """
 
 import json
@@ -42,6 +46,38 @@ MAXQ_NOW = {
 }
 
 
+#: The BAME family's runs since LMA's ties keep the kept weight (bame/lma.py: a pruned weight must score
+#: strictly higher; before, every tie went to the lower index, so blocks with a zero gradient swapped their
+#: kept weight away). With the tie rule undone they give the recorded values bit for bit
+#: (:func:`test_lma_differs_only_by_its_tie_rule`).
+LMA_NOW = {
+    "lma": {"losses": [[2.281630190936002, 2.28279594845242], [2.222275224598971, 2.2013919830322264]],
+            "masks": {"conv2.weight.mask": "46ac456e536432b2", "conv3.weight.mask": "881c586bfb066e82",
+                      "fc1.weight.mask": "d539b091cea62dca"}, "weights": "5954f2beff521620",
+            "stats": {"conv2.weight": {"updates": 4, "total_flips": 10, "last_flips": 0},
+                      "conv3.weight": {"updates": 4, "total_flips": 58, "last_flips": 18},
+                      "fc1.weight": {"updates": 4, "total_flips": 2, "last_flips": 0}}},
+    "bame": {"losses": [[2.281597776846452, 2.2821113586425783], [2.221818447113037, 2.200542428758409]],
+             "masks": {"conv2.weight.mask": "7cfd0cedde156256", "conv3.weight.mask": "97d35cfddf3fbc99",
+                       "fc1.weight.mask": "57a5e8e58487c41f"}, "weights": "7860b854dbd424e6",
+             "stats": {"conv2.weight": {"updates": 4, "total_flips": 8, "last_flips": 0},
+                       "conv3.weight": {"updates": 4, "total_flips": 32, "last_flips": 10},
+                       "fc1.weight": {"updates": 4, "total_flips": 0, "last_flips": 0}}},
+    "bame_bi": {"losses": [[2.2905453985387627, 2.287176089816623], [2.250926234505393, 2.2386532677544486]],
+                "masks": {"conv2.weight.mask": "53ec5d54e51ded5d", "conv3.weight.mask": "cca0547c92796bdf",
+                          "fc1.weight.mask": "9aed3a7d47780422"}, "weights": "6ce4a9a08cdbb8c7",
+                "stats": {"conv2.weight": {"updates": 4, "total_flips": 12, "last_flips": 2},
+                          "conv3.weight": {"updates": 4, "total_flips": 20, "last_flips": 2},
+                          "fc1.weight": {"updates": 4, "total_flips": 8, "last_flips": 2}}},
+    "bame-adamw": {"losses": [[2.18916211344979, 2.2338157653808595], [2.0332340760664507, 1.9896085951063367]],
+                   "masks": {"conv2.weight.mask": "ec044eb68223d432", "conv3.weight.mask": "4c3eeb58bf584b1d",
+                             "fc1.weight.mask": "e05ef1f7e5e37aae"}, "weights": "b081db4795d2bff1",
+                   "stats": {"conv2.weight": {"updates": 4, "total_flips": 0, "last_flips": 0},
+                             "conv3.weight": {"updates": 4, "total_flips": 0, "last_flips": 0},
+                             "fc1.weight": {"updates": 4, "total_flips": 0, "last_flips": 0}}},
+}
+
+
 def _dense_forward_per_step() -> float:
     dense = EXPECTED["dense"]["flops_by_phase"]["dense"]
     return dense["fwd"] / dense["steps"]
@@ -50,7 +86,7 @@ def _dense_forward_per_step() -> float:
 @pytest.mark.parametrize("name", [*ENGINE_RUNS, *VARIANTS, *LOOP_RUNS])
 def test_golden_run_is_unchanged(name):
     got, want = all_runs([name])[name], EXPECTED[name]
-    want = {**want, **MAXQ_NOW.get(name, {})}  # MaxQ's two fixes, checked below
+    want = {**want, **MAXQ_NOW.get(name, {}), **LMA_NOW.get(name, {})}  # the fixes, each checked below
     assert got["losses"] == want["losses"]
     assert got["masks"] == want["masks"]
     assert got["weights"] == want["weights"]
@@ -85,3 +121,18 @@ def test_maxq_differs_only_by_its_two_fixes(monkeypatch):
         assert {k: got[name][k] for k in ("losses", "masks", "weights")} == \
                {k: EXPECTED[name][k] for k in ("losses", "masks", "weights")}, name
         assert got[name]["losses"] != MAXQ_NOW[name]["losses"]  # the fixes do change them
+
+
+def test_lma_differs_only_by_its_tie_rule(monkeypatch):
+    """Undo the tie rule (every tie to the lower index, the torch path): the recorded values come back."""
+    from types import SimpleNamespace
+
+    from bame import lma
+
+    monkeypatch.setattr(lma, "stable_keys", lambda scores, mask: scores)
+    monkeypatch.setattr(lma, "native", SimpleNamespace(ready=lambda *a, **k: False))
+    got = all_runs(list(LMA_NOW))
+    for name in LMA_NOW:
+        assert {k: got[name][k] for k in ("losses", "masks", "weights", "stats")} == \
+               {k: EXPECTED[name][k] for k in ("losses", "masks", "weights", "stats")}, name
+        assert got[name]["weights"] != LMA_NOW[name]["weights"]  # the rule does change them

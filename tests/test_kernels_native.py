@@ -283,13 +283,17 @@ def test_native_lma_proposal_equals_scores_then_top_n(nm: tuple[int, int]) -> No
     grad = torch.randn(k, m, generator=g)
     old = torch.rand(k, m, generator=g) < n / m
     w[~old] = 0.0  # pruned weights are zero in the evolution phase
-    grad[:50] = 0.0  # blocks of tied zero scores: ties go to the lower index
+    grad[:50] = 0.0  # blocks of tied zero scores: the kept entries stay
     w[50:60, 0] = float("nan")
+    grad[60:70] = 1.0
+    w[60:70] = 0.1 * old[60:70]  # ties between kept |G W| and pruned lr G^2 = 0.1 (lr = 0.1)
     for lr in (0.1, 3e-4):
         reference = torch.zeros(k, m, dtype=torch.bool)
-        scores = lma.scores(w, grad, old, lr)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :n]
+        keys = lma.stable_keys(lma.scores(w, grad, old, lr), old)
+        order = torch.sort(keys, dim=-1, descending=True, stable=True).indices[:, :n]
         reference.scatter_(-1, order, True)
+        exact = old[:50].sum(-1) == n  # zero-gradient blocks holding N kept entries keep exactly those
+        assert exact.any() and torch.equal(reference[:50][exact], old[:50][exact])
         assert torch.equal(native.lma_propose(w, grad, old, n, lr), reference)
         assert torch.equal(native.lma_propose(w, grad, old, n, lr, threads=3), reference)
         assert torch.equal(lma.propose(w, grad, old, n, lr), reference)  # the dispatch

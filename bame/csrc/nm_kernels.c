@@ -405,23 +405,34 @@ void nm_block_flips_u8(const uint8_t *restrict a, const uint8_t *restrict b, int
 /*
  * LMA's proposal (bame.lma.propose) in one pass over blocks [g0, g1) of M consecutive weights: the score
  * of an entry is |G*W| where the old mask keeps it and (G*G)*lr where it does not (the same float
- * operations as bame.lma.scores), and the top-N scores of every block are kept, ranked as nm_topn_mask_f32
- * ranks them. Writes the bool proposal.
+ * operations as bame.lma.scores), and the top-N scores of every block are kept. A pruned entry replaces a
+ * kept one only with a strictly higher score (bame.lma.stable_keys): the key is the score's bits (scores
+ * are >= 0; NaN ranks highest) shifted left with the kept flag as the lowest bit, so a kept entry wins a
+ * tie; other ties go to the lower index, as in nm_topn_mask_f32. Writes the bool proposal.
  */
+static inline __attribute__((always_inline)) int32_t nm_lma_key(float score, uint8_t kept) {
+    score = score + 0.0f; /* -0.0 -> +0.0 */
+    uint32_t b;
+    memcpy(&b, &score, sizeof b);
+    if (score != score) b = 0x7FFFFFFFu;
+    return (int32_t)(((b << 1) | (uint32_t)(kept != 0)) ^ 0x80000000u); /* unsigned order as signed order */
+}
+
 void nm_lma_propose_f32(const float *restrict w, const float *restrict g, const uint8_t *restrict old,
                         float lr, int64_t M, int64_t n, uint8_t *restrict out, int64_t g0, int64_t g1) {
-    float buf[TOPN_TILE * 4];
-    int64_t per = TOPN_TILE * 4 / M; /* blocks per chunk of scores */
-    for (int64_t c = g0; c < g1; c += per) {
-        int64_t cnt = g1 - c < per ? g1 - c : per;
-        int64_t base = c * M;
-        for (int64_t q = 0; q < cnt * M; ++q) {
-            float gv = g[base + q];
-            float kept = fabsf(gv * w[base + q]);
-            float revived = (gv * gv) * lr;
-            buf[q] = old[base + q] ? kept : revived;
-        }
-        nm_topn_mask_f32(buf, M, 1, n, 0, out + base, 0, cnt);
+    int32_t key[TOPN_MAX_M][TOPN_TILE], def[TOPN_MAX_M][TOPN_TILE];
+    for (int64_t c = g0; c < g1; c += TOPN_TILE) {
+        const int64_t tile = g1 - c < TOPN_TILE ? g1 - c : TOPN_TILE;
+        for (int64_t t = 0; t < tile; ++t)
+            for (int64_t i = 0; i < M; ++i) {
+                const int64_t q = (c + t) * M + i;
+                const float gv = g[q];
+                const float score = old[q] ? fabsf(gv * w[q]) : (gv * gv) * lr;
+                key[i][t] = nm_lma_key(score, old[q]);
+            }
+        nm_topn_tile(key, def, M, tile);
+        for (int64_t t = 0; t < tile; ++t)
+            for (int64_t i = 0; i < M; ++i) out[(c + t) * M + i] = def[i][t] < n;
     }
 }
 
