@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ class CellResult:
     top1: dict[int, float] = field(default_factory=dict)
     flops: dict[int, float] = field(default_factory=dict)
     wall: dict[int, float] = field(default_factory=dict)
+    evolution: dict[int, dict[str, float]] = field(default_factory=dict)  # seeds whose runs evolved masks
     unfinished: list[str] = field(default_factory=list)  # run names without summary.json
 
 
@@ -63,8 +65,47 @@ def collect(root: Path, record: dict[str, Any]) -> list[CellResult]:
             result.top1[int(seed)] = float(summary["top1"])
             result.flops[int(seed)] = float(summary["train_flops_ratio"])
             result.wall[int(seed)] = float(summary["wall_time_s"])
+            activity = evolution(root / sweep.RUNS / name)
+            if activity is not None:
+                result.evolution[int(seed)] = activity
         results.append(result)
     return results
+
+
+def evolution(run_dir: Path) -> dict[str, float] | None:
+    """How much a run's mask evolution changed (None for a run without evolution updates).
+
+    From ``updates.jsonl`` (one event per layer and update, the evolving methods' LMA/OBF or RigL updates):
+    ``updates``, the update iterations; ``changed_per_update``, the share of blocks an update changed (all
+    layers' changed blocks over all layers' blocks, averaged over the updates); ``proposed_per_update``, the
+    same for the flips LMA proposed before OBF (entries, over all entries; methods without a proposal step
+    record none); ``regrow_share``, the mean share of blocks where a pruned weight's score beat the weakest
+    kept one; ``regrow_ratio``, the median over updates of the median ratio of those two scores (1 = a tie).
+    From the checkpoint's per-block flip counts (``sad``): ``changed_ever``, the share of blocks that
+    changed at least once over the run.
+    """
+    from bame import report
+
+    path = run_dir / "updates.jsonl"
+    if not path.is_file():
+        return None
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for line in path.read_text().splitlines():
+        event = json.loads(line)
+        if "changed_blocks" in event:
+            by_step.setdefault(int(event["step"]), []).append(event)
+    if not by_step:
+        return None
+    changed = [sum(e["changed_blocks"] for e in es) / max(sum(e["blocks"] for e in es), 1) for es in by_step.values()]
+    out = {"updates": float(len(by_step)), "changed_per_update": statistics.fmean(changed)}
+    events = [e for es in by_step.values() for e in es]
+    if all("regrow_share" in e for e in events):
+        out["regrow_share"] = statistics.fmean(e["regrow_share"] for e in events)
+        out["regrow_ratio"] = statistics.median(e["regrow_ratio"] for e in events)
+    sad = report.read_sad(run_dir)
+    if sad:
+        out["changed_ever"] = sum(int((v > 0).sum()) for v in sad.values()) / sum(v.size for v in sad.values())
+    return out
 
 
 def slices(results: list[CellResult], axes: list[str]) -> dict[tuple[str, ...], list[CellResult]]:
@@ -134,6 +175,62 @@ def difference_table(cells: list[CellResult], against: list[str] | None = None) 
         verdict = "-" if iv.n < 2 else ("yes" if iv.excludes(0.0) else "no")
         lines.append(f"| {a.config} − {b.config} | {iv.n} | {_num(iv.mean, 2)} | {bounds(iv, 2)} | {verdict} |")
     return lines
+
+
+EVOLUTION_COLUMNS = (("updates", "updates", "{:.0f}"), ("changed_per_update", "blocks changed per update", "{:.2%}"),
+                     ("changed_ever", "blocks changed at least once", "{:.1%}"),
+                     ("regrow_share", "regrowth wins (share of blocks)", "{:.2%}"),
+                     ("regrow_ratio", "best pruned / weakest kept score (median)", "{:.3g}"))
+
+
+def evolution_mean(cell: CellResult) -> dict[str, float]:
+    """The evolution statistics of a cell, each the mean over its seeds."""
+    keys = {k for stats_ in cell.evolution.values() for k in stats_}
+    return {k: statistics.fmean(v[k] for v in cell.evolution.values() if k in v) for k in sorted(keys)}
+
+
+def evolution_table(cells: list[CellResult]) -> list[str]:
+    """Markdown: how much the evolving configurations changed their masks (means over seeds)."""
+    rows = [c for c in cells if c.evolution]
+    if not rows:
+        return []
+    lines = ["| configuration | " + " | ".join(title for _, title, _ in EVOLUTION_COLUMNS) + " |",
+             "|---|" + "---|" * len(EVOLUTION_COLUMNS)]
+    for c in rows:
+        mean = evolution_mean(c)
+        lines.append(f"| {c.config} | " + " | ".join(fmt.format(mean[k]) if k in mean else "-"
+                                                   for k, _, fmt in EVOLUTION_COLUMNS) + " |")
+    return lines
+
+
+def _interval_dict(iv: stats.Interval) -> dict[str, float | int | None]:
+    clean = lambda v: None if math.isnan(v) else round(v, 6)  # noqa: E731
+    return {"mean": clean(iv.mean), "std": clean(iv.std), "low": clean(iv.low), "high": clean(iv.high), "n": iv.n}
+
+
+def summary(results: list[CellResult], axes: list[str], against: list[str] | None = None) -> dict[str, Any]:
+    """Every number of the report as JSON (``sweep_summary.json``): per cell the per-seed values and their
+    intervals, the evolution statistics, and the paired differences."""
+    cells = []
+    for c in results:
+        cells.append({
+            "config": c.config, "axes": c.axes, "method": c.method, "nm": c.nm,
+            "top1": {str(k): v for k, v in sorted(c.top1.items())},
+            "flops": {str(k): v for k, v in sorted(c.flops.items())},
+            "wall": {str(k): v for k, v in sorted(c.wall.items())},
+            "top1_interval": _interval_dict(stats.interval(list(c.top1.values()))),
+            "flops_interval": _interval_dict(stats.interval(list(c.flops.values()))),
+            "evolution": {str(k): v for k, v in sorted(c.evolution.items())},
+            "unfinished": c.unfinished,
+        })
+    differences = []
+    for key, group in slices(results, axes).items():
+        for a, b in pairs(group, against):
+            iv = stats.paired_interval(a.top1, b.top1)
+            if iv.n:
+                differences.append({"slice": dict(zip(axes, key, strict=True)), "a": a.config, "b": b.config,
+                                    "top1": _interval_dict(iv)})
+    return {"axes": axes, "cells": cells, "differences": differences}
 
 
 # -- the figure ------------------------------------------------------------------------------------------------
@@ -218,6 +315,11 @@ def write_sweep_report(root: str | Path, out: str | Path, against: list[str] | N
     for key, cells in groups.items():
         lines += [f"## {slice_title(axes, key)}", "", *cell_table(cells), "",
                   "Differences in last-epoch top-1, paired by seed:", "", *difference_table(cells, against), ""]
+        table = evolution_table(cells)
+        if table:
+            lines += ["How much the masks evolved (means over seeds; `updates.jsonl` and the checkpoint's "
+                      "per-block flip counts):", "", *table, ""]
+    (out / "sweep_summary.json").write_text(json.dumps(summary(results, axes, against), indent=1) + "\n")
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -319,3 +319,54 @@ def test_report_intervals_match_a_hand_computation(killed, tmp_path):
     mean, half = statistics.fmean(diffs), t1 * statistics.stdev(diffs) / math.sqrt(2)
     assert row[1:4] == ["2", f"{mean:.2f}", f"[{mean - half:.2f}, {mean + half:.2f}]"]
     assert row[4] == ("yes" if abs(mean) > half else "no")
+
+
+def test_evolution_statistics_by_hand(tmp_path):
+    """Two updates of two layers: changed blocks over all blocks per update, averaged over the updates;
+    regrowth's share averaged and its ratio's median over the events; events without a block count (the
+    re-selections of other methods) ignored; a run without updates has none."""
+    from bame import sweep_report
+
+    events = [
+        {"step": 10, "layer": "a", "changed_blocks": 2, "blocks": 10, "regrow_share": 0.2, "regrow_ratio": 0.5},
+        {"step": 10, "layer": "b", "changed_blocks": 0, "blocks": 30, "regrow_share": 0.0, "regrow_ratio": 0.1},
+        {"step": 20, "layer": "a", "changed_blocks": 1, "blocks": 10, "regrow_share": 0.1, "regrow_ratio": 0.3},
+        {"step": 20, "layer": "b", "changed_blocks": 3, "blocks": 30, "regrow_share": 0.1, "regrow_ratio": 0.2},
+        {"step": 25, "layer": "a", "window": 5, "last_flips": 4},
+    ]
+    (tmp_path / "updates.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    got = sweep_report.evolution(tmp_path)
+    assert got == pytest.approx({"updates": 2, "changed_per_update": (2 / 40 + 4 / 40) / 2,
+                                 "regrow_share": 0.1, "regrow_ratio": 0.25})
+    (tmp_path / "updates.jsonl").write_text(json.dumps(events[-1]) + "\n")
+    assert sweep_report.evolution(tmp_path) is None
+
+
+@pytest.mark.slow
+def test_report_summary_json_and_evolution_table(killed, tmp_path):
+    """``sweep_summary.json`` holds the per-seed numbers the tables are made of; BAME's evolution row
+    matches its runs' updates.jsonl and checkpoints."""
+    from bame import report as run_report
+    from bame import sweep_report
+
+    root = Path(killed["root"])
+    assert main(["report", str(root), "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "sweep_summary.json").read_text())
+    cells = {c["config"]: c for c in data["cells"]}
+    for name in ("static", "bame"):
+        top1 = {str(s): json.loads((root / sweep.RUNS / f"{name}-s{s}" / sweep.SUMMARY).read_text())["top1"]
+                for s in (0, 1)}
+        assert cells[name]["top1"] == top1
+        assert cells[name]["top1_interval"]["mean"] == pytest.approx(statistics.fmean(top1.values()), abs=1e-6)
+    assert cells["static"]["evolution"] == {}
+    ever = []
+    for s in (0, 1):
+        sad = run_report.read_sad(root / sweep.RUNS / f"bame-s{s}")
+        ever.append(sum(int((v > 0).sum()) for v in sad.values()) / sum(v.size for v in sad.values()))
+        assert cells["bame"]["evolution"][str(s)]["changed_ever"] == pytest.approx(ever[-1])
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| bame |")]
+    row = [cell.strip() for cell in rows[-1].split("|")[1:-1]]  # the evolution table's (the cell table's first)
+    mean = sweep_report.evolution_mean(sweep_report.collect(root, sweep.read_plan(root))[1])
+    assert mean["changed_ever"] == pytest.approx(statistics.fmean(ever))
+    assert len(rows) == 2 and row[3] == f"{mean['changed_ever']:.1%}"
+    assert [d["a"] for d in data["differences"]] == ["static"] and data["differences"][0]["b"] == "bame"
