@@ -48,9 +48,11 @@ __all__ = [
     "gather_rows",
     "kth_smallest",
     "lma_propose",
-    "pad_planes",
-    "plane_bags",
-    "plane_dots",
+    "rows_forward",
+    "rows_input_grad",
+    "rows_weight_grad",
+    "conv_bags",
+    "conv_dots",
     "sampled_dot",
     "scatter_rows",
     "srste_decay_",
@@ -63,7 +65,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("csrc") / "nm_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
-ABI_VERSION = 8  # must match nm_abi_version() in the C source
+ABI_VERSION = 9  # must match nm_abi_version() in the C source
 #: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
 MIN_PARALLEL_WORK = 1 << 18
 #: Elements from which a mask-upkeep call (top-N, flip counts, LMA, OBF ranks) beats PyTorch's ops: below
@@ -76,6 +78,7 @@ _lock = threading.Lock()
 _state: dict[tuple[str, ...], tuple[ctypes.CDLL | None, str | None]] = {}
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_gomp: int | None = None  # GOMP_parallel's address (0: none), found on first use
 
 
 # -- building and loading -------------------------------------------------------------------------------
@@ -140,14 +143,24 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.nm_kth_smallest_f32.argtypes = [p, i64, i64]
     lib.nm_srste_decay_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64]
     lib.nm_bag_chunked_f32.argtypes = [p, i64, i64, i64, p, p, i64, p, p, p, i64, i64, p, i64, i64]
-    lib.nm_plane_bags_f32.argtypes = [p, i64, i64, i64, i64, i64, p, p, p, p, i64, p, i64, i64, i64, i64, i64]
-    lib.nm_plane_dots_f32.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, p, p, i64, i64]
-    lib.nm_pad_planes_f32.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64]
+    lib.nm_conv_bags_f32.argtypes = [p, p, p, p, p, p, i64, p, p]
+    lib.nm_conv_dots_f32.argtypes = [p, p, p, p, p, p, i64, p, p]
+    lib.nm_conv_bags_par_f32.argtypes = [p, i64, p, p, p, p, p, p, i64, p]
+    lib.nm_conv_dots_par_f32.argtypes = [p, i64, p, p, p, p, p, p, i64, p]
+    lib.nm_sum_rows_f32.argtypes = [p, i64, i64, p, i64, i64]
+    for fn in (lib.nm_conv_bags_f32, lib.nm_conv_dots_f32, lib.nm_conv_bags_par_f32, lib.nm_conv_dots_par_f32):
+        fn.restype = ctypes.c_int64
+    lib.nm_rows_fwd_f32.argtypes = lib.nm_rows_dx_f32.argtypes = [p, i64, i64, p, p, i64, i64, p, p]
+    lib.nm_rows_dw_f32.argtypes = [p, p, i64, i64, i64, p, i64, p, i64, p, p]
+    lib.nm_rows_fwd_par_f32.argtypes = lib.nm_rows_dx_par_f32.argtypes = [p, i64, p, i64, i64, p, p, i64, i64, p]
+    lib.nm_rows_dw_par_f32.argtypes = [p, i64, p, p, i64, i64, i64, p, i64, p, i64, p]
+    for fn in (lib.nm_rows_fwd_f32, lib.nm_rows_dx_f32, lib.nm_rows_dw_f32, lib.nm_rows_fwd_par_f32,
+               lib.nm_rows_dx_par_f32, lib.nm_rows_dw_par_f32):
+        fn.restype = ctypes.c_int64
     lib.nm_kth_smallest_f32.restype = ctypes.c_float
     for fn in (lib.nm_srste_decay_f32, lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8,
                lib.nm_lma_propose_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32,
-               lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32, lib.nm_bag_chunked_f32, lib.nm_plane_bags_f32,
-               lib.nm_plane_dots_f32, lib.nm_pad_planes_f32):
+               lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32, lib.nm_bag_chunked_f32, lib.nm_sum_rows_f32):
         fn.restype = None
     return lib
 
@@ -406,90 +419,188 @@ def bag_chunked(
     return out
 
 
-def plane_bags(
-    x: Tensor, ld: int, positions: int, wp: int, wo: int, row: Tensor, off: Tensor, ptr: Tensor, w: Tensor,
-    out: Tensor, ldr: int, ldh: int, threads: int | None = None,
-) -> Tensor:
-    """Bags over shifted planes, for every image (see ``nm_plane_bags_f32``): writes ``out`` and returns it.
+#: Tokens per tile of the row-major kernels (``nm_rows_*_f32``), and rows per lockstep group.
+ROWS_TILE = 16
+
+
+def _slots_per_row(cols: Tensor, rows: int, w: Tensor | None = None) -> tuple[Tensor, int]:
+    """``(cols as int64, K)`` for the row-major kernels, K slots per row (and one value per slot)."""
+    cols = _i64(cols)
+    if rows <= 0 or cols.numel() % rows or (w is not None and w.numel() != cols.numel()):
+        raise ValueError(f"{cols.numel()} slots are not K per row of {rows} rows, each with one value")
+    return cols, cols.numel() // rows
+
+
+def rows_forward(x: Tensor, cols: Tensor, w: Tensor, rows: int, threads: int | None = None) -> Tensor:
+    """``y[t, r] = sum_k w[r * K + k] * x[t, cols[r * K + k]]``: the forward of an N:M Linear layer on a
+    row-major ``x (T, in)``, written row-major ``(T, rows)`` (see ``nm_rows_fwd_f32``: 16 x 16 blocks
+    transposed in registers, no transposed copy of x).
 
     Args:
-        x: ``(B, ...)`` float32, image b's planes from ``x[b]``, plane c at ``c * ld`` (PLANE_TW readable floats
-            past the last position read).
-        ld: floats between planes.
-        positions: P, the output positions per plane (``h * wp + column``).
-        wp: the width of a row of positions.
-        wo: columns ``< wo`` are stored.
-        row: ``(nnz,)`` plane of every term; ``off``: its shift; ``ptr``: ``(R + 1,)`` terms of every output row.
-        w: ``(nnz,)`` weights.
-        out: ``(B, ...)`` float32, output row r of image b at ``out[b] + r * ldr + h * ldh + column``.
-        ldr: floats between output rows; ``ldh``: between rows of positions.
+        x: ``(T, in)`` float32, contiguous.
+        cols: ``(rows * K,)`` column of every slot, row-major slot order (K slots per row).
+        w: ``(rows * K,)`` float32 slot values.
+        rows: output features.
     """
     lib = _require()
-    _f32(x, w, out)
-    row, off, ptr = _i64(row), _i64(off), _i64(ptr)
-    images, rows = x.shape[0], ptr.numel() - 1
-    args = (_ptr(x), x[0].numel() if images else 0, ld, positions, wp, wo, _ptr(row), _ptr(off), _ptr(ptr), _ptr(w),
-            rows, _ptr(out), out[0].numel() if images else 0, ldr, ldh)
+    _f32(x, w)
+    cols, k = _slots_per_row(cols, rows, w)
+    tokens, in_ = x.shape
+    y = x.new_empty(tokens, rows)
+    if tokens:
+        _conv_call(lib, "rows_fwd", tokens * cols.numel(), threads, _ptr(x), tokens, in_, _ptr(cols), _ptr(w), rows,
+                   k, _ptr(y))
+    return y
 
-    def run(i0: int, i1: int) -> None:
-        lib.nm_plane_bags_f32(*args, i0, i1)
 
-    if images * rows > 0:
-        _even_split(run, images * rows, images * row.numel() * positions, threads)
+def rows_input_grad(dy: Tensor, cols: Tensor, w: Tensor, in_features: int, threads: int | None = None) -> Tensor:
+    """``dX = dY (W*B)`` for the slots of :func:`rows_forward`: ``dy (T, rows)`` -> ``(T, in_features)``,
+    row-major in and out (see ``nm_rows_dx_f32``: every slot scatters into a tile's table of columns)."""
+    lib = _require()
+    _f32(dy, w)
+    tokens, rows = dy.shape
+    cols, k = _slots_per_row(cols, rows, w)
+    dx = dy.new_empty(tokens, in_features)
+    if tokens:
+        _conv_call(lib, "rows_dx", tokens * cols.numel(), threads, _ptr(dy), tokens, rows, _ptr(cols), _ptr(w),
+                   in_features, k, _ptr(dx))
+    return dx
+
+
+def rows_chunk(in_features: int, rows: int, tokens: int) -> int:
+    """Tokens per chunk of :func:`rows_weight_grad`: 256 down to 16, the widest whose transposed tables of x and
+    dY (``(in + rows) * chunk`` floats) take at most half of :data:`L2_BYTES`, and no wider than the tokens
+    (rounded up to 16). A function of the shapes only, so the partial sums never depend on the thread count."""
+    ch = 256
+    while ch > ROWS_TILE and ((in_features + rows) * ch * 4 > L2_BYTES // 2 or ch >= 2 * max(tokens, 1)):
+        ch //= 2
+    return ch
+
+
+def rows_weight_grad(dy: Tensor, x: Tensor, cols: Tensor, slot_mask: Tensor | None = None,
+                     threads: int | None = None) -> Tensor:
+    """``dW[p] = sum_t dy[t, p // K] * x[t, cols[p]]`` at the slots (0 where ``slot_mask`` is False), from
+    row-major ``dy (T, rows)`` and ``x (T, in)``: ``(rows * K,)``. Each chunk of :func:`rows_chunk` tokens
+    gives partial sums (``nm_rows_dw_f32``), added in chunk order."""
+    lib = _require()
+    _f32(dy, x)
+    (tokens, rows), in_ = dy.shape, x.shape[1]
+    cols, k = _slots_per_row(cols, rows)
+    if x.shape[0] != tokens:
+        raise ValueError(f"x has {x.shape[0]} tokens, dY {tokens}")
+    nnz, keep = cols.numel(), _keep(slot_mask)
+    ch = rows_chunk(in_, rows, tokens)
+    chunks = -(-tokens // ch)
+    part = x.new_empty(chunks, nnz)
+    out = x.new_zeros(nnz)
+    if chunks and nnz:
+        _conv_call(lib, "rows_dw", tokens * nnz, threads, _ptr(dy), _ptr(x), tokens, rows, in_, _ptr(cols), k,
+                   _ptr(keep), ch, _ptr(part))
+        lib.nm_sum_rows_f32(_ptr(part), chunks, nnz, _ptr(out), 0, nnz)  # in chunk order (a light pass: one thread)
     return out
 
 
-def pad_planes(src: Tensor, length: int, front: int = 0, top: int = 0, left: int = 0, wp: int | None = None,
-               threads: int | None = None) -> Tensor:
-    """``(B, C, H, W)`` -> ``(B, C, length)``: every plane padded and flattened in one pass (see
-    ``nm_pad_planes_f32``): ``front`` zeros, ``top`` zero rows, rows of ``left`` zeros + W values + zeros up to
-    ``wp``, zeros up to ``length``."""
+#: The stacking of a stride-1 convolution's planes (``geo`` of :func:`conv_bags`, ``nm_conv_bags_f32``): input
+#: planes (B, C, H, W), output planes (Ho, Wo), top zero rows, left zero columns, rows per image, floats per
+#: row, images per chunk, the largest term shift, images per partial sum (the weight gradient).
+CONV_GEO = ("B", "C", "H", "W", "Ho", "Wo", "top", "left", "sh", "wp", "nb", "maxshift", "per_part")
+
+
+def _omp_parallel() -> int | None:
+    """The address of ``GOMP_parallel`` in the OpenMP runtime torch computes on, or None (another backend,
+    or no such runtime loaded in this process). The convolution kernels run on that team: after every torch
+    op its idle workers spin for a while, and threads of ours would compete with them for the cores."""
+    global _gomp
+    if _gomp is None:
+        _gomp = 0
+        if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+            try:
+                with open("/proc/self/maps") as f:
+                    paths = {ln.split()[-1] for ln in f if "omp" in ln.rsplit("/", 1)[-1] and ".so" in ln}
+            except OSError:
+                paths = set()
+            for path in sorted(paths):
+                try:
+                    _gomp = ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value or 0
+                except (OSError, AttributeError):
+                    continue
+                if _gomp:
+                    break
+    return _gomp or None
+
+
+def _conv_call(lib: ctypes.CDLL, name: str, work: int, threads: int | None, *args) -> None:
+    """Run ``nm_<name>`` on ``k`` threads that take its chunks from one shared counter: torch's OpenMP team
+    when there is one (``nm_<name>_par``), else Python threads; raise when scratch memory ran out."""
+    k = _threads(work) if threads is None else max(1, threads)
+    gomp = _omp_parallel() if k > 1 else None
+    if gomp is not None:
+        status = [getattr(lib, f"nm_{name}_par_f32")(gomp, k, *args)]
+    else:
+        counter = torch.zeros(1, dtype=torch.int64)
+        status = []
+        _even_split(lambda a, b: status.append(getattr(lib, f"nm_{name}_f32")(*args, _ptr(counter))), k, work, k)
+    if any(status):
+        raise MemoryError(f"native nm_{name}_f32: scratch allocation failed")
+
+
+def _conv_geo(geo: tuple[int, ...]) -> Tensor:
+    if len(geo) != len(CONV_GEO):
+        raise ValueError(f"geo needs {len(CONV_GEO)} entries {CONV_GEO}, got {len(geo)}")
+    return torch.tensor(geo, dtype=torch.int64)
+
+
+def conv_bags(x: Tensor, geo: tuple[int, ...], row: Tensor, shift: Tensor, ptr: Tensor, w: Tensor,
+              threads: int | None = None) -> Tensor:
+    """Bags over stacked planes (see ``nm_conv_bags_f32``): ``(B, R, Ho, Wo)`` with R = ``ptr.numel() - 1``.
+
+    Args:
+        x: ``(B, C, H, W)`` float32 input planes.
+        geo: the stacking, :data:`CONV_GEO` (``bame.kernels.conv.Stacking.geo``).
+        row: ``(nnz,)`` input plane of every term; ``shift``: its flat shift on the stacked planes;
+            ``ptr``: ``(R + 1,)`` the terms of every output plane.
+        w: ``(nnz,)`` the terms' weights.
+    """
     lib = _require()
-    src = src.contiguous()
-    _f32(src)
-    b, c, h, w = src.shape
-    wp = w if wp is None else wp
-    if front + (top + h) * wp > length or left + w > wp:
-        raise ValueError(f"planes of {h}x{w} do not fit {length} floats (front {front}, top {top}, wp {wp})")
-    out = src.new_empty(b, c, length)
-    args = (_ptr(src), h, w, _ptr(out), length, front, top, left, wp)
-
-    def run(q0: int, q1: int) -> None:
-        lib.nm_pad_planes_f32(*args, q0, q1)
-
-    if b * c > 0:
-        _even_split(run, b * c, out.numel() // 4, threads)
+    x, w = x.contiguous(), w.contiguous()
+    _f32(x, w)
+    row, shift, ptr = _i64(row), _i64(shift), _i64(ptr)
+    b, c, h, wd = x.shape
+    if tuple(geo[:4]) != (b, c, h, wd):
+        raise ValueError(f"geo {tuple(geo[:4])} does not describe input planes {tuple(x.shape)}")
+    rows, g = ptr.numel() - 1, _conv_geo(geo)
+    out = x.new_empty(b, rows, geo[4], geo[5])
+    if b:
+        _conv_call(lib, "conv_bags", b * row.numel() * geo[4] * geo[9], threads, _ptr(x), _ptr(g), _ptr(row),
+                   _ptr(shift), _ptr(ptr), _ptr(w), rows, _ptr(out))
     return out
 
 
-def plane_dots(
-    d: Tensor, ldd: int, x: Tensor, ld: int, positions: int, row: Tensor, off: Tensor, ptr: Tensor,
-    threads: int | None = None,
-) -> Tensor:
-    """Dots over shifted planes summed over the images (see ``nm_plane_dots_f32``): ``(nnz,)`` float32.
+def conv_dots(dy: Tensor, x: Tensor, geo: tuple[int, ...], row: Tensor, shift: Tensor, ptr: Tensor,
+              threads: int | None = None) -> Tensor:
+    """Dots over stacked planes summed over the images (see ``nm_conv_dots_f32``): ``(nnz,)`` float32.
+
+    Every ``geo[12]`` images (whole chunks) get their own partial sums, added in order afterwards, so the
+    result depends on the stacking, never on the thread split.
 
     Args:
-        d: ``(B, ...)`` the output gradient, row r of image b at ``d[b] + r * ldd``, zero past P up to a
-            multiple of PLANE_TW.
-        ldd: floats between rows of d.
-        x: ``(B, ...)`` the input planes (as :func:`plane_bags`).
-        ld: floats between planes.
-        positions: P.
-        row, off, ptr: the terms of every row of d (as :func:`plane_bags`).
+        dy: ``(B, R, Ho, Wo)`` the output gradient.
+        x: ``(B, C, H, W)`` the input planes; ``geo``, ``row``, ``shift``, ``ptr``: as :func:`conv_bags`.
     """
     lib = _require()
-    _f32(d, x)
-    row, off, ptr = _i64(row), _i64(off), _i64(ptr)
-    out = d.new_empty(row.numel())
-    images, rows = d.shape[0], ptr.numel() - 1
-    args = (_ptr(d), d[0].numel() if images else 0, ldd, _ptr(x), x[0].numel() if images else 0, ld, positions,
-            images, _ptr(row), _ptr(off), _ptr(ptr), _ptr(out))
-
-    def run(r0: int, r1: int) -> None:
-        lib.nm_plane_dots_f32(*args, r0, r1)
-
-    if rows > 0:
-        _run_split(run, ptr, rows, images * row.numel() * positions, threads)
+    dy, x = dy.contiguous(), x.contiguous()
+    _f32(dy, x)
+    row, shift, ptr = _i64(row), _i64(shift), _i64(ptr)
+    b, rows, nnz = x.shape[0], ptr.numel() - 1, row.numel()
+    if tuple(geo[:4]) != tuple(x.shape) or tuple(dy.shape) != (b, rows, geo[4], geo[5]):
+        raise ValueError(f"geo {tuple(geo[:6])} does not describe x {tuple(x.shape)} and dy {tuple(dy.shape)}")
+    chunks, g = -(-b // geo[12]), _conv_geo(geo)
+    part = x.new_empty(chunks, nnz)
+    if b:
+        _conv_call(lib, "conv_dots", b * nnz * geo[4] * geo[9], threads, _ptr(dy), _ptr(x), _ptr(g), _ptr(row),
+                   _ptr(shift), _ptr(ptr), rows, _ptr(part))
+    out = x.new_empty(nnz)
+    lib.nm_sum_rows_f32(_ptr(part), chunks, nnz, _ptr(out), 0, nnz)
     return out
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from bame import native
 from bame.errors import ConfigError
 from bame.kernels import NMLinearFunction, Plan, choose_plan, clear_plan_cache, nm_linear, pack, unpack
-from bame.kernels.linear import CUDA_ONLY, dw_full, fwd_semi_structured, scatter_values
+from bame.kernels.linear import CUDA_ONLY, NATIVE_ONLY, dw_full, fwd_semi_structured, scatter_values
 from bame.kernels.linear import FORWARD as ALL_FORWARD
 from bame.kernels.linear import INPUT_GRAD as ALL_INPUT_GRAD
 from bame.kernels.linear import WEIGHT_GRAD as ALL_WEIGHT_GRAD
@@ -25,7 +25,7 @@ from bame.kernels.tiles import auto_tile, from_tiles, to_tiles
 def _usable(formulations: dict) -> dict:
     """Every registered formulation, less the native ones without a C compiler and the CUDA-only ones."""
     return {k: v for k, v in formulations.items()
-            if (k != "native" or native.available()) and k not in CUDA_ONLY}
+            if (k not in NATIVE_ONLY or native.available()) and k not in CUDA_ONLY}
 
 
 FORWARD, INPUT_GRAD, WEIGHT_GRAD = _usable(ALL_FORWARD), _usable(ALL_INPUT_GRAD), _usable(ALL_WEIGHT_GRAD)

@@ -4,6 +4,8 @@ plan, and the fallbacks (no compiler, a corrupt cached library, ``BAME_NATIVE=0`
 from __future__ import annotations
 
 import os
+import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor
 
 from bame import native
 from bame.kernels import Plan, choose_plan, clear_plan_cache, nm_linear, pack, unpack
-from bame.kernels.linear import dw_native, dx_native, fwd_native, native_tiles, scatter_values
+from bame.kernels.linear import (
+    dw_direct,
+    dw_native,
+    dx_direct,
+    dx_native,
+    fwd_direct,
+    fwd_native,
+    native_tiles,
+    scatter_values,
+)
 from bame.kernels.plan import random_nm_mask
 
 needs_cc = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
@@ -111,7 +124,9 @@ def grads(fn, x: Tensor, w: Tensor, b: Tensor, gy: Tensor) -> tuple[Tensor, ...]
 
 @needs_cc
 @pytest.mark.parametrize("plan", [Plan("native", "native", "native"), Plan("native", "embag", "native"),
-                                  Plan("dense", "native", "sampled"), Plan("embag", "dense", "native")],
+                                  Plan("dense", "native", "sampled"), Plan("embag", "dense", "native"),
+                                  Plan("direct", "direct", "direct"), Plan("direct", "native", "dense"),
+                                  Plan("chunked", "direct", "sampled")],
                          ids=lambda p: f"{p.fwd}-{p.dx}-{p.dw}")
 @pytest.mark.parametrize("nm", [(1, 16), (2, 4)], ids=["1:16", "2:4"])
 @pytest.mark.parametrize("padded_bwd", [False, True], ids=["fwd-mask", "bwd-mask"])
@@ -139,7 +154,102 @@ def test_choose_plan_times_native() -> None:
     clear_plan_cache()
     plan = choose_plan(64, 256, 1, 16, batch_tokens=40, repeats=1, warmup=0, use_cache=False)
     for product in ("fwd", "dx", "dw"):
-        assert "native" in plan.timings_ms[product]
+        assert "native" in plan.timings_ms[product] and "direct" in plan.timings_ms[product]
+
+
+# -- the row-major ("direct") kernels --------------------------------------------------------------------
+@st.composite
+def direct_cases(draw: st.DrawFn) -> tuple[int, int, int, int, int, bool, int]:
+    """``(out, in, n, m, tokens, padded, seed)``: rows below, at and past 16 (not multiples of it), several M
+    and N (N > 1 too), tokens below a tile, odd, and across tiles and weight-gradient chunks."""
+    m = draw(st.sampled_from([2, 4, 8, 16]))
+    n = draw(st.integers(1, m))
+    out = draw(st.sampled_from([1, 5, 16, 17, 33]) | st.integers(1, 48))
+    tokens = draw(st.sampled_from([1, 3, 15, 16, 17, 33, 257]) | st.integers(1, 80))
+    return out, m * draw(st.integers(1, 6)), n, m, tokens, draw(st.booleans()), draw(st.integers(0, 1 << 16))
+
+
+def check_direct(out: int, in_: int, n: int, m: int, tokens: int, padded: bool, seed: int) -> None:
+    """The three direct products against the masked-dense references (padding slots: no gradient)."""
+    w, mask, p, x, dy = case(out, in_, n, m, tokens, padded and n < m, seed=seed)
+    wm = w * mask
+    assert_close(fwd_direct(x, p), F.linear(x, wm))
+    assert_close(dx_direct(dy, p), dy @ wm)
+    grad = dw_direct(dy, x, p)
+    assert grad.shape == p.indices.shape
+    assert_close(scatter_values(grad, p), (dy.t() @ x) * mask)
+    if p.slot_mask is not None:
+        assert bool((grad[~p.slot_mask] == 0).all())
+
+
+@needs_cc
+@settings(max_examples=60, deadline=None)
+@given(direct_cases())
+def test_direct_kernels_match_masked_dense(shape: tuple[int, int, int, int, int, bool, int]) -> None:
+    check_direct(*shape)
+
+
+@needs_cc
+@pytest.mark.parametrize("team", [True, False], ids=["openmp-team", "python-threads"])
+def test_direct_kernels_are_bit_identical_for_any_thread_split(team: bool, monkeypatch) -> None:
+    """Tiles (forward, dX) and chunks (dW) go to whichever thread claims them: the results never change."""
+    if not team:
+        monkeypatch.setattr(native, "_omp_parallel", lambda: None)
+    w, mask, p, x, dy = case(50, 96, 2, 8, 333, padded=True, seed=4)
+    vals = p.values.reshape(-1).contiguous()
+    chunk = native.rows_chunk(96, 50, 333)
+    assert -(-333 // chunk) > 1  # several weight-gradient chunks
+    ref = (native.rows_forward(x, p.cols, vals, 50, threads=1), native.rows_input_grad(dy, p.cols, vals, 96, threads=1),
+           native.rows_weight_grad(dy, x, p.cols, p.slot_mask, threads=1))
+    for threads in (2, 3, 5):
+        got = (native.rows_forward(x, p.cols, vals, 50, threads=threads),
+               native.rows_input_grad(dy, p.cols, vals, 96, threads=threads),
+               native.rows_weight_grad(dy, x, p.cols, p.slot_mask, threads=threads))
+        for g, r in zip(got, ref, strict=True):
+            assert torch.equal(g, r)
+
+
+@needs_cc
+def test_direct_weight_gradient_chunks_depend_on_shapes_only() -> None:
+    for in_, rows, tokens in [(192, 768, 8320), (4096, 1024, 256), (64, 8, 5), (192, 192, 8320)]:
+        ch = native.rows_chunk(in_, rows, tokens)
+        assert ch % 16 == 0 and 16 <= ch <= 256
+        assert (in_ + rows) * ch * 4 <= native.L2_BYTES // 2 or ch == 16  # the chunk's tables share L2
+        assert ch < 2 * max(tokens, 16)  # no chunk wider than the tokens need
+    assert native.rows_chunk(192, 768, 8320) == 128
+
+
+@needs_cc
+def test_direct_kernels_refuse_ragged_structures() -> None:
+    x, cols, w = torch.randn(4, 8), torch.zeros(5, dtype=torch.int64), torch.ones(5)
+    with pytest.raises(ValueError):
+        native.rows_forward(x, cols, w, 2)  # 5 slots are not K per row of 2 rows
+    with pytest.raises(ValueError):
+        native.rows_forward(x, cols[:4], w, 2)  # one value per slot
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 micro-architecture levels")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2-fma", "plain-c"])
+def test_direct_kernels_portable_builds(march: str, tmp_path, monkeypatch) -> None:
+    """The AVX2+FMA and plain C paths of the kernel file (built here for those targets) compute the same
+    products: AVX-512 code stays behind its #if."""
+    cc = shlex.split(os.environ.get("CC", "").strip() or "cc")
+    target = tmp_path / f"nm_kernels-{march}.so"
+    done = subprocess.run([*cc, "-O2", f"-march={march}", "-fPIC", "-shared", "-o", str(target), str(native.SOURCE)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lib = native._open(target)
+    monkeypatch.setattr(native, "_lib", lambda: lib)
+    for shape in [(33, 48, 1, 16, 37, False, 1), (7, 24, 3, 4, 5, True, 2), (20, 16, 2, 2, 70, True, 3)]:
+        check_direct(*shape)
+    _, _, p, x, dy = case(40, 64, 1, 4, 150, padded=True, seed=6)
+    vals = p.values.reshape(-1).contiguous()
+    for threads in (1, 3):
+        assert torch.equal(native.rows_forward(x, p.cols, vals, 40, threads=threads),
+                           native.rows_forward(x, p.cols, vals, 40, threads=2))
+        assert torch.equal(native.rows_weight_grad(dy, x, p.cols, p.slot_mask, threads=threads),
+                           native.rows_weight_grad(dy, x, p.cols, p.slot_mask, threads=2))
 
 
 # -- fallbacks ------------------------------------------------------------------------------------------

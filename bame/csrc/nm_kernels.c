@@ -20,7 +20,7 @@
 #include <string.h>
 
 /* Version of the C interface; native.py checks it after loading a library. */
-int64_t nm_abi_version(void) { return 8; }
+int64_t nm_abi_version(void) { return 9; }
 
 /* The largest token tile (floats): the accumulators of one bag tile stay in registers. */
 #define MAX_TW 64
@@ -558,107 +558,801 @@ void nm_bag_chunked_f32(const float *restrict table, int64_t rows, int64_t T, in
     }
 }
 
-/* Positions per tile of the plane kernels: 64 floats, four independent accumulators. */
-#define PLANE_TW 64
+/*
+ * Row-major Linear products (the "direct" formulations of bame/kernels/linear.py): x (T, in), dY (T, out)
+ * and the results (T, out), (T, in) keep PyTorch's row-major layout. The kernels transpose 16 x 16 blocks
+ * in registers on the way in and out, so no transposed copy of an activation is ever written to memory,
+ * and every store is a whole 64-byte row segment (a bag kernel writing the (T, out) layout column by column
+ * touches a cache line per float).
+ *
+ * The weight is in the row-major slot order of an N:M packing: K = in * N / M slots per row, slot p of row
+ * r at p = r * K + k, its column cols[p] and value w[p]; every row has the same K, so 16 rows advance in
+ * lockstep (one "group"): 16 independent FMA chains, one vector of 16 tokens each.
+ *
+ * Tokens go in tiles of RT = 16 (the forward and the input gradient: every result is computed by one tile
+ * in a fixed order of slots) or chunks of ch tokens (the weight gradient: one partial sum per chunk, added
+ * in chunk order by nm_sum_rows_f32). The threads of a call take runs of RUN tiles, or chunks, from one
+ * shared counter (*next, starting at 0); nothing depends on which thread computes what. nm_rows_*_f32 is
+ * one thread's share (Python threads call it together); nm_rows_*_par_f32 runs the call on the threads of
+ * an OpenMP team (GOMP_parallel, torch's team: its idle workers spin after every torch op, and threads of
+ * ours would compete with them for the cores). The kernels return 0, or -1 when scratch memory could not
+ * be allocated.
+ */
+#define RT 16
+#define RUN 4 /* tiles per claim of the forward and the input gradient (64 tokens) */
+
+typedef void (*rows_gomp_fn)(void (*)(void *), void *, unsigned, unsigned);
+
+/* One call of a row-major kernel, shared by its threads. */
+typedef struct {
+    const float *a, *b;          /* x or dY (fwd, dx); dY and x (dw) */
+    int64_t T, R, in, K, ch;     /* tokens, rows, input features, slots per row, tokens per dw chunk */
+    const int32_t *lo, *yo;      /* lockstep offsets (fwd, dx); x and dY table offsets of every slot (dw) */
+    const float *lw;             /* lockstep values (fwd, dx) */
+    const uint8_t *keep;         /* dw: slots that get a gradient (NULL: all) */
+    float *out;
+    int64_t *next;               /* the shared counter of runs or chunks */
+    int64_t status;              /* -1 once a thread could not allocate its scratch */
+} rows_job;
+
+static inline int64_t rows_claim(int64_t *next) { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
+
+/* A zero-filled, cache-line aligned scratch of n floats (NULL on failure). */
+static float *rows_scratch(int64_t n) {
+    float *s = aligned_alloc(64, (size_t)((n * (int64_t)sizeof(float) + 63) / 64 * 64 + 64));
+    if (s) memset(s, 0, (size_t)n * sizeof(float));
+    return s;
+}
+
+#if defined(__AVX512F__)
+/* r[i] (row i of a 16 x 16 block) becomes column i, in registers: 64 shuffles. */
+static inline __attribute__((always_inline)) void rows_tr16(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) { /* r[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j */
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int j = 0; j < 4; ++j) {
+        const __m512 u0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44), u1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
+        const __m512 u2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
+        const __m512 u3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+        t[j] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+        t[4 + j] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+        t[8 + j] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+/* The sums of a[0..15] as one vector (lane j = the sum of a[j]'s lanes), in a fixed order: 30 shuffles. */
+static inline __attribute__((always_inline)) __m512 rows_sum16(const __m512 *a) {
+    __m512 b[8], c[4];
+    for (int i = 0; i < 8; ++i)
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {
+        const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+    const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88), _mm512_shuffle_f32x4(e01, e23, 0xDD));
+}
+
+static inline __mmask16 rows_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+#endif
+
+/* Rows [0, nr) of a row-major matrix (lda floats per row, columns [0, nc)) towards the cache: the next tile's
+ * input, requested while this tile computes (16 rows at a time are read column block by column block, an
+ * order the hardware prefetchers do not follow). */
+static inline void rows_prefetch(const float *a, int64_t lda, int64_t nr, int64_t nc) {
+    for (int64_t j = 0; j < nr; ++j)
+        for (int64_t c = 0; c < nc; c += 16) __builtin_prefetch(a + j * lda + c, 0, 3);
+}
+
+/* Rows [0, nr) (nr <= 16) of a row-major matrix (lda floats per row), columns [0, nc), transposed:
+ * tab[c * ldt + j] = a[j * lda + c], zero for rows j >= nr. */
+static void rows_load_t(const float *restrict a, int64_t lda, int64_t nr, int64_t nc, float *restrict tab,
+                        int64_t ldt) {
+#if defined(__AVX512F__)
+    for (int64_t c0 = 0; c0 < nc; c0 += 16) {
+        const int64_t w = nc - c0 < 16 ? nc - c0 : 16;
+        const __mmask16 m = rows_mask(w);
+        __m512 r[16];
+        for (int j = 0; j < 16; ++j) r[j] = j < nr ? _mm512_maskz_loadu_ps(m, a + j * lda + c0) : _mm512_setzero_ps();
+        rows_tr16(r);
+        for (int64_t c = 0; c < w; ++c) _mm512_storeu_ps(tab + (c0 + c) * ldt, r[c]);
+    }
+#else
+    for (int64_t c = 0; c < nc; ++c)
+        for (int64_t j = 0; j < RT; ++j) tab[c * ldt + j] = j < nr ? a[j * lda + c] : 0.0f;
+#endif
+}
+
+/* The inverse: y[j * ldy + c] = tab[c * ldt + j] for tokens j < nt, columns c < nc. */
+static void rows_store_t(const float *restrict tab, int64_t ldt, int64_t nc, float *restrict y, int64_t ldy,
+                         int64_t nt) {
+#if defined(__AVX512F__)
+    for (int64_t c0 = 0; c0 < nc; c0 += 16) {
+        const int64_t w = nc - c0 < 16 ? nc - c0 : 16;
+        const __mmask16 m = rows_mask(w);
+        __m512 r[16];
+        for (int c = 0; c < 16; ++c) r[c] = c < w ? _mm512_loadu_ps(tab + (c0 + c) * ldt) : _mm512_setzero_ps();
+        rows_tr16(r);
+        for (int64_t j = 0; j < nt; ++j) _mm512_mask_storeu_ps(y + j * ldy + c0, m, r[j]);
+    }
+#else
+    for (int64_t j = 0; j < nt; ++j)
+        for (int64_t c = 0; c < nc; ++c) y[j * ldy + c] = tab[c * ldt + j];
+#endif
+}
+
+/* The lockstep layout of the slots of rows [0, R): lane i of group g at slot k is entry (g * K + k) * 16 + i,
+ * the slot of row 16 g + i (lanes past the last row repeat it; their results are never used):
+ * lo = its column times RT (the offset of its table row), lw = its value. -1 on failure. */
+static int rows_lanes(rows_job *j, const int64_t *restrict cols, const float *restrict w) {
+    const int64_t R = j->R, K = j->K, G = (R + RT - 1) / RT, n = G * K * RT > 0 ? G * K * RT : 1;
+    int32_t *lo = malloc((size_t)n * sizeof *lo);
+    float *lw = malloc((size_t)n * sizeof *lw);
+    if (!lo || !lw) {
+        free(lo), free(lw);
+        return -1;
+    }
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < RT; ++i) {
+            const int64_t r = g * RT + i < R ? g * RT + i : R - 1;
+            for (int64_t k = 0; k < K; ++k) {
+                lo[(g * K + k) * RT + i] = (int32_t)(cols[r * K + k] * RT);
+                lw[(g * K + k) * RT + i] = w[r * K + k];
+            }
+        }
+    j->lo = lo, j->lw = lw;
+    return 0;
+}
+
+/* The table offsets of every slot of the weight gradient (past nnz: the last slot's): x's (column * ch) and
+ * dY's (row * ch). */
+static int rows_dw_offsets(rows_job *j, const int64_t *restrict cols) {
+    const int64_t nnz = j->R * j->K;
+    int32_t *xo = malloc((size_t)(nnz + RT) * sizeof *xo), *yo = malloc((size_t)(nnz + RT) * sizeof *yo);
+    if (!xo || !yo) {
+        free(xo), free(yo);
+        return -1;
+    }
+    for (int64_t p = 0; p < nnz + RT; ++p) {
+        const int64_t q = p < nnz ? p : (nnz > 0 ? nnz - 1 : 0);
+        xo[p] = nnz > 0 ? (int32_t)(cols[q] * j->ch) : 0;
+        yo[p] = nnz > 0 ? (int32_t)(q / j->K * j->ch) : 0;
+    }
+    j->lo = xo, j->yo = yo;
+    return 0;
+}
+
+static void rows_fail(rows_job *j) { __atomic_store_n(&j->status, -1, __ATOMIC_RELAXED); }
 
 /*
- * Bags over shifted planes (the products of an N:M convolution on NCHW data):
- *     out[b, r, p] = sum_{q in [ptr[r], ptr[r+1])} w[q] * X_b[row[q] * ld + off[q] + p]      for p < P
- * for every image b (X_b = x + b * xstride). A convolution is a sum over kernel positions of shifted
- * products: ``row`` is the input channel of a slot and ``off`` its kernel position's shift in the padded
- * plane (kh * Wp + kw), so stride-1 convolutions of any kernel, padding and dilation are one call. Output
- * position p is row h = p / wp, column p % wp of a plane wp wide; only columns < wo are stored, at
- * out[b * ostride + r * ldr + h * ldh + column]. Every plane of X must hold PLANE_TW floats past its last
- * read position (zeros). Work is split over the flat (image, row) range [i0, i1).
+ * The forward: y[t, r] = sum_{k < K} w[r * K + k] * x[t, cols[r * K + k]] (x: (T, in), y: (T, R), both
+ * contiguous). A tile's 16 tokens of x are transposed into a table (in, 16) that stays in L1; each group
+ * of 16 rows sums its slots' table rows (16 accumulators, one per row), transposes them and stores 16 row
+ * segments y[t, 16 g : 16 g + 16].
  */
-void nm_plane_bags_f32(const float *restrict x, int64_t xstride, int64_t ld, int64_t P, int64_t wp, int64_t wo,
-                       const int64_t *restrict row, const int64_t *restrict off, const int64_t *restrict ptr,
-                       const float *restrict w, int64_t R, float *restrict out, int64_t ostride, int64_t ldr,
-                       int64_t ldh, int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / R, r = i % R;
-        const float *restrict X = x + b * xstride;
-        float *restrict O = out + b * ostride + r * ldr;
-        for (int64_t p0 = 0; p0 < P; p0 += PLANE_TW) {
-            vec acc[PLANE_TW / VW];
-            float buf[PLANE_TW];
-            for (int v = 0; v < PLANE_TW / VW; ++v) acc[v] = VZERO();
-            for (int64_t q = ptr[r]; q < ptr[r + 1]; ++q) {
-                const vec wq = VSET1(w[q]);
-                const float *restrict src = X + row[q] * ld + off[q] + p0;
-                for (int v = 0; v < PLANE_TW / VW; ++v) acc[v] = VFMA(wq, VLOAD(src + v * VW), acc[v]);
+static void rows_fwd_job(void *p) {
+    rows_job *j = p;
+    const int64_t T = j->T, in = j->in, R = j->R, K = j->K, G = (R + RT - 1) / RT, tiles = (T + RT - 1) / RT;
+    float *tab = rows_scratch(in * RT);
+    if (!tab) {
+        rows_fail(j);
+        return;
+    }
+    for (int64_t run; (run = rows_claim(j->next)) * RUN < tiles;)
+        for (int64_t c = run * RUN; c < (run + 1) * RUN && c < tiles; ++c) {
+            const int64_t t = c * RT, nt = T - t < RT ? T - t : RT;
+            rows_load_t(j->a + t * in, in, nt, in, tab, RT);
+            if (t + RT < T) rows_prefetch(j->a + (t + RT) * in, in, T - t - RT < RT ? T - t - RT : RT, in);
+            for (int64_t g = 0; g < G; ++g) {
+                const int32_t *restrict o = j->lo + g * K * RT;
+                const float *restrict wv = j->lw + g * K * RT;
+                const int64_t nr = R - g * RT < RT ? R - g * RT : RT;
+                float *restrict dst = j->out + t * R + g * RT;
+#if defined(__AVX512F__)
+                __m512 acc[RT];
+                for (int i = 0; i < RT; ++i) acc[i] = _mm512_setzero_ps();
+                for (int64_t k = 0; k < K; ++k, o += RT, wv += RT)
+                    for (int i = 0; i < RT; ++i)
+                        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(wv[i]), _mm512_load_ps(tab + o[i]), acc[i]);
+                rows_tr16(acc);
+                const __mmask16 m = rows_mask(nr);
+                for (int64_t i = 0; i < nt; ++i) _mm512_mask_storeu_ps(dst + i * R, m, acc[i]);
+#else
+                vec acc[RT][RT / VW];
+                float buf[RT][RT];
+                for (int i = 0; i < RT; ++i)
+                    for (int v = 0; v < RT / VW; ++v) acc[i][v] = VZERO();
+                for (int64_t k = 0; k < K; ++k, o += RT, wv += RT)
+                    for (int i = 0; i < RT; ++i) {
+                        const vec wi = VSET1(wv[i]);
+                        for (int v = 0; v < RT / VW; ++v) acc[i][v] = VFMA(wi, VLOAD(tab + o[i] + v * VW), acc[i][v]);
+                    }
+                for (int i = 0; i < RT; ++i)
+                    for (int v = 0; v < RT / VW; ++v) VSTORE(buf[i] + v * VW, acc[i][v]);
+                rows_store_t(&buf[0][0], RT, nr, dst, R, nt);
+#endif
             }
-            for (int v = 0; v < PLANE_TW / VW; ++v) VSTORE(buf + v * VW, acc[v]);
-            const int64_t width = (P - p0 < PLANE_TW) ? P - p0 : PLANE_TW;
-            int64_t h = p0 / wp, col = p0 - h * wp;
-            for (int64_t j = 0; j < width; ++j) {
-                if (col < wo) O[h * ldh + col] = buf[j];
-                if (++col == wp) {
-                    col = 0;
-                    ++h;
+        }
+    free(tab);
+}
+
+/*
+ * The input gradient: dx[t, c] = sum_{(r, k): cols[r * K + k] = c} w[r * K + k] * dy[t, r] (dy: (T, R),
+ * dx: (T, in), contiguous), as a scatter: a tile's 16 x 16 blocks of dY are transposed into registers (row
+ * r's 16 tokens), and every slot adds w * dY^T[r] to its column's row of a (in, 16) table in L1, which is
+ * transposed into dx at the tile's end. Each column sums its terms in the order of (group, lane, slot):
+ * fixed by the structure.
+ */
+static void rows_dx_job(void *p) {
+    rows_job *j = p;
+    const int64_t T = j->T, in = j->in, R = j->R, K = j->K, G = (R + RT - 1) / RT, tiles = (T + RT - 1) / RT;
+    float *tab = rows_scratch(in * RT);
+    if (!tab) {
+        rows_fail(j);
+        return;
+    }
+    for (int64_t run; (run = rows_claim(j->next)) * RUN < tiles;)
+        for (int64_t c = run * RUN; c < (run + 1) * RUN && c < tiles; ++c) {
+            const int64_t t = c * RT, nt = T - t < RT ? T - t : RT;
+            const float *restrict dy = j->a + t * R;
+            memset(tab, 0, (size_t)(in * RT) * sizeof(float));
+            if (t + RT < T) rows_prefetch(dy + RT * R, R, T - t - RT < RT ? T - t - RT : RT, R);
+            for (int64_t g = 0; g < G; ++g) {
+                const int32_t *restrict o = j->lo + g * K * RT;
+                const float *restrict wv = j->lw + g * K * RT;
+                const int64_t nr = R - g * RT < RT ? R - g * RT : RT;
+#if defined(__AVX512F__)
+                __m512 d[RT];
+                const __mmask16 m = rows_mask(nr);
+                for (int i = 0; i < RT; ++i)
+                    d[i] = i < nt ? _mm512_maskz_loadu_ps(m, dy + i * R + g * RT) : _mm512_setzero_ps();
+                rows_tr16(d);
+                for (int i = 0; i < nr; ++i) /* a row's slots lie in distinct blocks: no chain through memory */
+                    for (int64_t k = 0; k < K; ++k) {
+                        float *restrict row = tab + o[k * RT + i];
+                        _mm512_store_ps(row, _mm512_fmadd_ps(_mm512_set1_ps(wv[k * RT + i]), d[i], _mm512_load_ps(row)));
+                    }
+#else
+                float buf[RT][RT];
+                rows_load_t(dy + g * RT, R, nt, nr, &buf[0][0], RT);
+                for (int i = 0; i < nr; ++i)
+                    for (int64_t k = 0; k < K; ++k) {
+                        const vec wi = VSET1(wv[k * RT + i]);
+                        float *restrict row = tab + o[k * RT + i];
+                        for (int v = 0; v < RT / VW; ++v)
+                            VSTORE(row + v * VW, VFMA(wi, VLOAD(buf[i] + v * VW), VLOAD(row + v * VW)));
+                    }
+#endif
+            }
+            rows_store_t(tab, RT, in, j->out + t * in, in, nt);
+        }
+    free(tab);
+}
+
+/*
+ * The weight gradient at the slots, per chunk of ch tokens (a multiple of 16):
+ *     part[c, p] = sum_{t in chunk c} dy[t, p / K] * x[t, cols[p]]      (0 where keep[p] == 0)
+ * (nnz = R * K slots; dy: (T, R), x: (T, in), contiguous). A chunk's x and dY are transposed into tables
+ * (in, ch) and (R, ch) that stay in L2; slots go in blocks of 16, one vector accumulator each over the
+ * chunk's tokens, reduced in a fixed order (rows_sum16) into one vector store.
+ */
+static void rows_dw_job(void *p) {
+    rows_job *j = p;
+    const int64_t T = j->T, in = j->in, R = j->R, ch = j->ch, nnz = R * j->K, chunks = (T + ch - 1) / ch;
+    const float *restrict dy = j->a, *restrict x = j->b;
+    float *xt = rows_scratch(in * ch), *dt = rows_scratch(R * ch);
+    if (!xt || !dt) {
+        free(xt), free(dt);
+        rows_fail(j);
+        return;
+    }
+    for (int64_t c; (c = rows_claim(j->next)) < chunks;) {
+        const int64_t t = c * ch, nt = T - t < ch ? T - t : ch, nv = (nt + RT - 1) / RT;
+        for (int64_t s = 0; s < nv; ++s) {
+            const int64_t ns = nt - s * RT < RT ? nt - s * RT : RT, next = t + (s + 1) * RT;
+            if (s + 1 < nv) {
+                rows_prefetch(x + next * in, in, T - next < RT ? T - next : RT, in);
+                rows_prefetch(dy + next * R, R, T - next < RT ? T - next : RT, R);
+            }
+            rows_load_t(x + (t + s * RT) * in, in, ns, in, xt + s * RT, ch);
+            rows_load_t(dy + (t + s * RT) * R, R, ns, R, dt + s * RT, ch);
+        }
+        float *restrict out = j->out + c * nnz;
+        for (int64_t p0 = 0; p0 < nnz; p0 += RT) {
+            const int32_t *restrict a = j->lo + p0, *restrict b = j->yo + p0;
+            const int64_t nb = nnz - p0 < RT ? nnz - p0 : RT;
+#if defined(__AVX512F__)
+            __m512 acc[RT];
+            for (int i = 0; i < RT; ++i) acc[i] = _mm512_setzero_ps();
+            for (int64_t v = 0; v < nv * RT; v += RT)
+                for (int i = 0; i < RT; ++i)
+                    acc[i] = _mm512_fmadd_ps(_mm512_load_ps(dt + b[i] + v), _mm512_load_ps(xt + a[i] + v), acc[i]);
+            _mm512_mask_storeu_ps(out + p0, rows_mask(nb), rows_sum16(acc));
+#else
+            for (int i = 0; i < nb; ++i) {
+                vec acc = VZERO();
+                for (int64_t v = 0; v < nv * RT; v += VW) acc = VFMA(VLOAD(dt + b[i] + v), VLOAD(xt + a[i] + v), acc);
+                out[p0 + i] = VHSUM(acc);
+            }
+#endif
+            if (j->keep)
+                for (int64_t i = 0; i < nb; ++i)
+                    if (!j->keep[p0 + i]) out[p0 + i] = 0.0f;
+        }
+    }
+    free(xt), free(dt);
+}
+
+/* One call: the shared layout built once, then run by this thread alone (next != NULL: the counter shared
+ * with the other Python threads of the call, each building its own layout) or by an OpenMP team. */
+static int64_t rows_call(void (*job)(void *), rows_job *j, const int64_t *cols, const float *w, void *gomp,
+                         int64_t threads) {
+    int64_t counter = 0;
+    if (!j->next) j->next = &counter;
+    if (w ? rows_lanes(j, cols, w) : rows_dw_offsets(j, cols)) return -1;
+    if (gomp)
+        ((rows_gomp_fn)gomp)(job, j, (unsigned)threads, 0);
+    else
+        job(j);
+    free((void *)j->lo), free((void *)j->yo), free((void *)j->lw);
+    return j->status;
+}
+
+/* y (T, R) = x (T, in) W^T for the slots (cols, w) of K per row: see rows_fwd_job. */
+int64_t nm_rows_fwd_f32(const float *x, int64_t T, int64_t in, const int64_t *cols, const float *w, int64_t R,
+                        int64_t K, float *y, int64_t *next) {
+    rows_job j = {x, NULL, T, R, in, K, 0, NULL, NULL, NULL, NULL, y, next, 0};
+    return rows_call(rows_fwd_job, &j, cols, w, NULL, 1);
+}
+
+int64_t nm_rows_fwd_par_f32(void *gomp, int64_t threads, const float *x, int64_t T, int64_t in,
+                            const int64_t *cols, const float *w, int64_t R, int64_t K, float *y) {
+    rows_job j = {x, NULL, T, R, in, K, 0, NULL, NULL, NULL, NULL, y, NULL, 0};
+    return rows_call(rows_fwd_job, &j, cols, w, gomp, threads);
+}
+
+/* dx (T, in) = dy (T, R) W for the slots (cols, w) of K per row: see rows_dx_job. */
+int64_t nm_rows_dx_f32(const float *dy, int64_t T, int64_t R, const int64_t *cols, const float *w, int64_t in,
+                       int64_t K, float *dx, int64_t *next) {
+    rows_job j = {dy, NULL, T, R, in, K, 0, NULL, NULL, NULL, NULL, dx, next, 0};
+    return rows_call(rows_dx_job, &j, cols, w, NULL, 1);
+}
+
+int64_t nm_rows_dx_par_f32(void *gomp, int64_t threads, const float *dy, int64_t T, int64_t R,
+                           const int64_t *cols, const float *w, int64_t in, int64_t K, float *dx) {
+    rows_job j = {dy, NULL, T, R, in, K, 0, NULL, NULL, NULL, NULL, dx, NULL, 0};
+    return rows_call(rows_dx_job, &j, cols, w, gomp, threads);
+}
+
+/* part (ceil(T / ch), R * K): the weight gradient's partial sums per chunk of ch tokens: see rows_dw_job. */
+int64_t nm_rows_dw_f32(const float *dy, const float *x, int64_t T, int64_t R, int64_t in, const int64_t *cols,
+                       int64_t K, const uint8_t *keep, int64_t ch, float *part, int64_t *next) {
+    rows_job j = {dy, x, T, R, in, K, ch, NULL, NULL, NULL, keep, part, next, 0};
+    return rows_call(rows_dw_job, &j, cols, NULL, NULL, 1);
+}
+
+int64_t nm_rows_dw_par_f32(void *gomp, int64_t threads, const float *dy, const float *x, int64_t T, int64_t R,
+                           int64_t in, const int64_t *cols, int64_t K, const uint8_t *keep, int64_t ch, float *part) {
+    rows_job j = {dy, x, T, R, in, K, ch, NULL, NULL, NULL, keep, part, NULL, 0};
+    return rows_call(rows_dw_job, &j, cols, NULL, gomp, threads);
+}
+
+/*
+ * Stride-1 convolutions of N:M weights on NCHW data (bame/kernels/conv.py): the forward, the input gradient
+ * (the same bags over dY with the transposed terms) and the weight gradient at the kept slots.
+ *
+ * A convolution is a sum over kernel taps of shifted 1x1 products. A chunk of nb images is copied, channel
+ * by channel, into one tall zero-padded plane ("stacked planes", thread-local scratch that stays in L2):
+ * image j's input row h at row top + j * sh + h, its column w at column left + w, rows wp floats wide.
+ * Image j's output row ho is grid row j * sh + ho, and every kept weight is a term (plane, shift) of its
+ * output row:
+ *     y[j, r, ho, wo] = sum_{q in [ptr[r], ptr[r+1])} w[q] * S[row[q]][(j * sh + ho) * wp + wo + shift[q]]
+ * The zero columns between rows and the zero rows between images are the padding, shared by neighbours
+ * (wp - W >= pad, sh - H >= pad), so one flat shift per term is right at every valid output position; the
+ * grid positions in between (columns >= Wo, rows >= Ho of an image) are computed and not stored. Small
+ * planes waste little (an 8x8 image is 81 grid positions for 64 outputs) and a tile of positions may span
+ * several images. Any kernel size, dilation and padding (negative too) is one layout (conv.py: stacking).
+ *
+ * Positions go in tiles of CONV_TW (CONV_TV vector accumulators: eight independent FMA chains hide the FMA
+ * latency); tiles are the outer loop, so the window of every plane a tile reads (C x (tile + shift) floats)
+ * stays in L1 while every output row is summed over it. Results are written in 16-position groups: the
+ * valid lanes of a group that belong to one image are consecutive outputs (AVX-512: compress + masked
+ * store), described by a store plan built once per call.
+ *
+ * geo (int64[13]): B, C, H, W (input planes), Ho, Wo (output planes), top, left, sh, wp (the stacking), nb
+ * (images per chunk), maxshift (the largest shift), per_part (images per partial sum of the weight
+ * gradient, a multiple of nb). Work goes in chunks of nb images (per_part for the weight gradient), which
+ * the threads of a call take one at a time from a shared counter (*next, starting at 0); every output is
+ * computed by one chunk in a fixed order, so results never depend on which thread took which chunk. The kernels
+ * return 0, or -1 when scratch memory could not be allocated. The *_par entry points run a kernel on an
+ * OpenMP team (GOMP_parallel, passed in: torch's own runtime, whose idle workers would otherwise spin
+ * against threads of ours), so the library itself needs no OpenMP.
+ */
+#ifndef CONV_TV
+#if defined(__AVX512F__) || VW == 8
+#define CONV_TV 8
+#else
+#define CONV_TV 16
+#endif
+#endif
+#define CONV_TW (CONV_TV * VW) /* positions per tile: 128 (AVX-512), 64 (AVX2) or 16 (plain C) */
+#define CONV_GROUP 16          /* positions per store group (one 16-bit mask) */
+
+typedef struct {
+    int64_t B, C, H, W, Ho, Wo, top, left, sh, wp, nb, maxshift, per_part;
+    int64_t positions; /* grid positions of a chunk: ((nb - 1) * sh + Ho) * wp */
+    int64_t tiles;     /* tiles of CONV_TW covering them */
+    int64_t ld;        /* floats between stacked planes */
+} conv_layout;
+
+/* Floats of a stacked plane or grid of n floats, rounded to an odd number of cache lines (planes at a
+ * multiple of 4 KiB apart would share L1 sets). */
+static int64_t conv_ld(int64_t n) {
+    int64_t lines = (n + 15) / 16;
+    return (lines | 1) * 16;
+}
+
+static void conv_layout_init(conv_layout *L, const int64_t *geo) {
+    L->B = geo[0], L->C = geo[1], L->H = geo[2], L->W = geo[3], L->Ho = geo[4], L->Wo = geo[5];
+    L->top = geo[6], L->left = geo[7], L->sh = geo[8], L->wp = geo[9], L->nb = geo[10], L->maxshift = geo[11];
+    L->per_part = geo[12];
+    L->positions = ((L->nb - 1) * L->sh + L->Ho) * L->wp;
+    L->tiles = (L->positions + CONV_TW - 1) / CONV_TW;
+    const int64_t data = (L->top + (L->nb - 1) * L->sh + L->H) * L->wp, reads = L->tiles * CONV_TW + L->maxshift;
+    L->ld = conv_ld(data > reads ? data : reads);
+}
+
+/*
+ * Where a chunk's outputs go: every 16-position group of the grid has k runs of consecutive outputs (one
+ * image, one output row), run i stored as the group's lanes mask[g * k + i], lane l at out + off[g * k + i]
+ * + l (a masked store at a shifted address: the lanes keep their places). Groups with fewer runs are
+ * padded with empty masks, so the store is the same k masked stores for every group (no branches).
+ */
+typedef struct {
+    int64_t k, *off;
+    uint16_t *mask;
+} conv_plan;
+
+/* The plan of a chunk of nimg images (positions of images >= nimg are not stored); -1 on failure. */
+static int conv_plan_init(conv_plan *P, const conv_layout *L, int64_t nimg, int64_t ostride) {
+    const int64_t groups = L->tiles * (CONV_TW / CONV_GROUP);
+    P->k = 1;
+    for (int pass = 0; pass < 2; ++pass) {
+        if (pass == 1) {
+            P->off = calloc((size_t)(groups * P->k), sizeof *P->off);
+            P->mask = calloc((size_t)(groups * P->k), sizeof *P->mask);
+            if (!P->off || !P->mask) {
+                free(P->off), free(P->mask);
+                return -1;
+            }
+        }
+        for (int64_t g = 0; g < groups; ++g) {
+            int64_t runs = 0, prev = -2;
+            for (int64_t lane = 0; lane < CONV_GROUP; ++lane) {
+                const int64_t p = g * CONV_GROUP + lane;
+                if (p >= L->positions) break;
+                const int64_t grow = p / L->wp, col = p % L->wp, j = grow / L->sh, ho = grow % L->sh;
+                if (ho >= L->Ho || col >= L->Wo || j >= nimg) continue;
+                if (p != prev + 1 || col == 0) { /* a new run */
+                    if (pass == 1) P->off[g * P->k + runs] = j * ostride + ho * L->Wo + col - lane;
+                    ++runs;
+                }
+                prev = p;
+                if (pass == 1) P->mask[g * P->k + runs - 1] |= (uint16_t)(1u << lane);
+            }
+            if (pass == 0 && runs > P->k) P->k = runs;
+        }
+    }
+    return 0;
+}
+
+static void conv_plan_free(conv_plan *P) { free(P->off), free(P->mask); }
+
+/* A zeroed, cache-line aligned scratch of n floats (NULL on failure). */
+static float *conv_scratch(int64_t n) {
+    float *s = aligned_alloc(64, (size_t)((n * (int64_t)sizeof(float) + 63) / 64 * 64));
+    if (s) memset(s, 0, (size_t)n * sizeof(float));
+    return s;
+}
+
+/* n floats from s to d (or zeros when s is NULL). Rows are short (8 to 32 floats): inline masked vector
+ * copies (a plain loop would become a memcpy call, costlier than the copy). */
+static inline __attribute__((always_inline)) void conv_row(float *restrict d, const float *restrict s, int64_t n) {
+#if defined(__AVX512F__)
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = (n - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(d + i, m, s ? _mm512_maskz_loadu_ps(m, s + i) : _mm512_setzero_ps());
+    }
+#else
+    if (s)
+        memcpy(d, s, (size_t)n * sizeof(float));
+    else
+        memset(d, 0, (size_t)n * sizeof(float));
+#endif
+}
+
+/* Images [0, nimg) of src (planes of H x W, nch per image) into the stacked planes (the zeros around the
+ * data were written once when the scratch was made); images in [nimg, nb) become zeros. */
+static void conv_stack(const float *restrict src, int64_t nch, int64_t nimg, const conv_layout *L,
+                       float *restrict dst) {
+    for (int64_t c = 0; c < nch; ++c)
+        for (int64_t j = 0; j < L->nb; ++j) {
+            const float *restrict s = src + (j * nch + c) * L->H * L->W;
+            float *restrict d = dst + c * L->ld + (L->top + j * L->sh) * L->wp + L->left;
+            for (int64_t h = 0; h < L->H; ++h) conv_row(d + h * L->wp, j < nimg ? s + h * L->W : NULL, L->W);
+        }
+}
+
+/* Output planes (nch per image, Ho x Wo) of images [0, nimg) onto the output grid (ld floats per plane,
+ * zeros elsewhere, written once); images in [nimg, nb) become zeros. */
+static void conv_grid(const float *restrict src, int64_t nch, int64_t nimg, const conv_layout *L, int64_t ld,
+                      float *restrict dst) {
+    for (int64_t c = 0; c < nch; ++c)
+        for (int64_t j = 0; j < L->nb; ++j) {
+            const float *restrict s = src + (j * nch + c) * L->Ho * L->Wo;
+            float *restrict d = dst + c * ld + j * L->sh * L->wp;
+            for (int64_t h = 0; h < L->Ho; ++h) conv_row(d + h * L->wp, j < nimg ? s + h * L->Wo : NULL, L->Wo);
+        }
+}
+
+/* Tile t's accumulators into output plane O by the plan. */
+static inline __attribute__((always_inline)) void conv_store(const vec *acc, const conv_plan *P, int64_t t,
+                                                             float *restrict O) {
+#if defined(__AVX512F__)
+    for (int v = 0; v < CONV_TV; ++v) {
+        const int64_t *off = P->off + (t * CONV_TV + v) * P->k;
+        const uint16_t *mask = P->mask + (t * CONV_TV + v) * P->k;
+        for (int64_t i = 0; i < P->k; ++i) _mm512_mask_storeu_ps(O + off[i], mask[i], acc[v]);
+    }
+#else
+    float buf[CONV_TW];
+    for (int v = 0; v < CONV_TV; ++v) VSTORE(buf + v * VW, acc[v]);
+    for (int gi = 0; gi < CONV_TW / CONV_GROUP; ++gi) {
+        const int64_t *off = P->off + (t * (CONV_TW / CONV_GROUP) + gi) * P->k;
+        const uint16_t *mask = P->mask + (t * (CONV_TW / CONV_GROUP) + gi) * P->k;
+        for (int64_t i = 0; i < P->k; ++i)
+            for (int lane = 0; lane < CONV_GROUP; ++lane)
+                if (mask[i] >> lane & 1u) O[off[i] + lane] = buf[gi * CONV_GROUP + lane];
+    }
+#endif
+}
+
+/*
+ * Row vectors: when an output row is a whole number of vectors (Wo % VW == 0: the 32- and 16-wide planes of
+ * a CIFAR ResNet with AVX-512, every plane with AVX2 or plain C), a chunk's outputs are vectors of VW
+ * consecutive outputs of one row, vector u read at grid position in[u] of the stacked planes and stored at
+ * out[u] (j * ostride + ho * Wo + column) of the chunk's output: no position between the rows is computed,
+ * and every store is a plain vector store.
+ */
+typedef struct {
+    int64_t n, *in, *out;
+} conv_rows;
+
+/* The row vectors of a chunk of nimg images (tiles past n repeat the last vector); -1 on failure. */
+static int conv_rows_init(conv_rows *V, const conv_layout *L, int64_t nimg, int64_t ostride) {
+    const int64_t per_row = L->Wo / VW;
+    V->n = nimg * L->Ho * per_row;
+    const int64_t padded = (V->n + CONV_TV - 1) / CONV_TV * CONV_TV;
+    V->in = malloc((size_t)(padded > 0 ? padded : 1) * sizeof *V->in);
+    V->out = malloc((size_t)(padded > 0 ? padded : 1) * sizeof *V->out);
+    if (!V->in || !V->out) {
+        free(V->in), free(V->out);
+        V->in = V->out = NULL;
+        return -1;
+    }
+    for (int64_t u = 0; u < padded; ++u) {
+        const int64_t uu = u < V->n ? u : V->n - 1, cv = uu % per_row, ho = uu / per_row % L->Ho;
+        const int64_t j = uu / per_row / L->Ho;
+        V->in[u] = (j * L->sh + ho) * L->wp + cv * VW;
+        V->out[u] = j * ostride + ho * L->Wo + cv * VW;
+    }
+    return 0;
+}
+
+static void conv_rows_free(conv_rows *V) { free(V->in), free(V->out); }
+
+/* The next chunk of images for this thread: every thread of a call takes chunks from one shared counter. */
+static inline int64_t conv_claim(int64_t *next) { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
+
+/* Every term's offset in the stacked planes: row[q] * ld + shift[q] (NULL on failure). */
+static int64_t *conv_offsets(const int64_t *restrict row, const int64_t *restrict shift, int64_t nnz, int64_t ld) {
+    int64_t *o = malloc((size_t)(nnz > 0 ? nnz : 1) * sizeof *o);
+    if (o)
+        for (int64_t q = 0; q < nnz; ++q) o[q] = row[q] * ld + shift[q];
+    return o;
+}
+
+/*
+ * Bags over stacked planes (the forward, and with dY's planes and the transposed terms the input gradient):
+ *     out[b, r, ho, wo] = sum_{q in [ptr[r], ptr[r+1])} w[q] * S_b[row[q]][(ho * wp + wo) + shift[q]]
+ * x: (B, C, H, W) contiguous; out: (B, R, Ho, Wo) contiguous, every element written.
+ */
+int64_t nm_conv_bags_f32(const float *restrict x, const int64_t *restrict geo, const int64_t *restrict row,
+                         const int64_t *restrict shift, const int64_t *restrict ptr, const float *restrict w,
+                         int64_t R, float *restrict out, int64_t *next) {
+    conv_layout L;
+    conv_layout_init(&L, geo);
+    const int64_t ostride = R * L.Ho * L.Wo, plane = L.Ho * L.Wo, chunks = (L.B + L.nb - 1) / L.nb;
+    const int rows_mode = L.Wo % VW == 0;
+    conv_plan P = {0, NULL, NULL};
+    conv_rows V = {0, NULL, NULL};
+    int64_t made_for = 0; /* the chunk size P or V was made for */
+    float *scr = conv_scratch(L.C * L.ld);
+    int64_t *toff = conv_offsets(row, shift, ptr[R], L.ld);
+    int64_t status = (scr && toff) ? 0 : -1;
+    for (int64_t c; status == 0 && (c = conv_claim(next)) < chunks;) {
+        const int64_t b0 = c * L.nb, nimg = (L.B - b0 < L.nb) ? L.B - b0 : L.nb;
+        if (nimg != made_for) { /* the first chunk, or the last one with fewer images */
+            conv_plan_free(&P), conv_rows_free(&V);
+            P.off = V.in = V.out = NULL, P.mask = NULL;
+            if (rows_mode ? conv_rows_init(&V, &L, nimg, ostride) : conv_plan_init(&P, &L, nimg, ostride)) {
+                status = -1;
+                break;
+            }
+            made_for = nimg;
+        }
+        conv_stack(x + b0 * L.C * L.H * L.W, L.C, nimg, &L, scr);
+        float *restrict O = out + b0 * ostride;
+        const int64_t tiles = rows_mode ? (V.n + CONV_TV - 1) / CONV_TV : L.tiles;
+        for (int64_t t = 0; t < tiles; ++t) {
+            if (rows_mode) {
+                int64_t vin[CONV_TV];
+                for (int v = 0; v < CONV_TV; ++v) vin[v] = V.in[t * CONV_TV + v];
+                const int64_t nv = (V.n - t * CONV_TV < CONV_TV) ? V.n - t * CONV_TV : CONV_TV;
+                for (int64_t r = 0; r < R; ++r) {
+                    vec acc[CONV_TV];
+                    for (int v = 0; v < CONV_TV; ++v) acc[v] = VZERO();
+                    for (int64_t q = ptr[r]; q < ptr[r + 1]; ++q) {
+                        const vec wq = VSET1(w[q]);
+                        const float *restrict src = scr + toff[q];
+                        for (int v = 0; v < CONV_TV; ++v) acc[v] = VFMA(wq, VLOAD(src + vin[v]), acc[v]);
+                    }
+                    float *restrict Or = O + r * plane;
+                    for (int v = 0; v < nv; ++v) VSTORE(Or + V.out[t * CONV_TV + v], acc[v]);
+                }
+            } else {
+                const float *restrict base = scr + t * CONV_TW;
+                for (int64_t r = 0; r < R; ++r) {
+                    vec acc[CONV_TV];
+                    for (int v = 0; v < CONV_TV; ++v) acc[v] = VZERO();
+                    for (int64_t q = ptr[r]; q < ptr[r + 1]; ++q) {
+                        const vec wq = VSET1(w[q]);
+                        const float *restrict src = base + toff[q];
+                        for (int v = 0; v < CONV_TV; ++v) acc[v] = VFMA(wq, VLOAD(src + v * VW), acc[v]);
+                    }
+                    conv_store(acc, &P, t, O + r * plane);
                 }
             }
         }
     }
+    free(scr), free(toff), conv_plan_free(&P), conv_rows_free(&V);
+    return status;
 }
 
 /*
- * Dots over shifted planes (the weight gradient of an N:M convolution at the kept slots only):
- *     out[q] = sum_b sum_{p < P} D_b[r * ldd + p] * X_b[row[q] * ld + off[q] + p]      for q in [ptr[r], ptr[r+1])
- * for rows r in [r0, r1), summed over the B images (D_b = d + b * dstride: the output gradient, zero at the
- * junk columns). Every row of D holds zeros up to a multiple of PLANE_TW past P, and every plane of X that
- * many readable floats (so the last tile needs no tail loop). Fixed summation order.
+ * Dots over stacked planes (the weight gradient at the kept slots), per part of per_part images:
+ *     part[c, q] = sum_{b in part c} sum_{ho, wo} dY[b, r, ho, wo] * S_b[row[q]][(ho * wp + wo) + shift[q]]
+ * for every term q of every row r (nnz = ptr[R] terms); dy: (B, R, Ho, Wo) contiguous (read as it is with
+ * row vectors, else laid on the output grid, zeros between), x as for nm_conv_bags_f32. Each term keeps a
+ * vector of partial sums over a part's chunks and tiles, reduced in a fixed order at the part's end;
+ * nm_sum_rows_f32 then adds the parts in order. Per tile and row, the tile of dY stays in registers across
+ * the row's terms (one load per multiply-add).
  */
-void nm_plane_dots_f32(const float *restrict d, int64_t dstride, int64_t ldd, const float *restrict x,
-                       int64_t xstride, int64_t ld, int64_t P, int64_t B, const int64_t *restrict row,
-                       const int64_t *restrict off, const int64_t *restrict ptr, float *restrict out, int64_t r0,
-                       int64_t r1) {
-    const int64_t Pr = (P + PLANE_TW - 1) / PLANE_TW * PLANE_TW;
-    for (int64_t r = r0; r < r1; ++r)
-        for (int64_t q = ptr[r]; q < ptr[r + 1]; ++q) out[q] = 0.0f;
-    for (int64_t b = 0; b < B; ++b) {
-        const float *restrict X = x + b * xstride;
-        for (int64_t r = r0; r < r1; ++r) {
-            const float *restrict D = d + b * dstride + r * ldd;
-            for (int64_t q = ptr[r]; q < ptr[r + 1]; ++q) {
-                const float *restrict src = X + row[q] * ld + off[q];
-                vec acc[PLANE_TW / VW];
-                for (int v = 0; v < PLANE_TW / VW; ++v) acc[v] = VZERO();
-                for (int64_t p0 = 0; p0 < Pr; p0 += PLANE_TW)
-                    for (int v = 0; v < PLANE_TW / VW; ++v)
-                        acc[v] = VFMA(VLOAD(D + p0 + v * VW), VLOAD(src + p0 + v * VW), acc[v]);
-                for (int half = PLANE_TW / VW / 2; half > 0; half /= 2)
-                    for (int v = 0; v < half; ++v) acc[v] = VADD(acc[v], acc[v + half]);
-                out[q] += VHSUM(acc[0]);
+int64_t nm_conv_dots_f32(const float *restrict dy, const float *restrict x, const int64_t *restrict geo,
+                         const int64_t *restrict row, const int64_t *restrict shift, const int64_t *restrict ptr,
+                         int64_t R, float *restrict part, int64_t *next) {
+    conv_layout L;
+    conv_layout_init(&L, geo);
+    const int64_t nnz = ptr[R], plane = L.Ho * L.Wo, ostride = R * plane;
+    const int64_t parts = (L.B + L.per_part - 1) / L.per_part;
+    const int rows_mode = L.Wo % VW == 0;
+    const int64_t lg = conv_ld(L.tiles * CONV_TW);
+    conv_rows V = {0, NULL, NULL};
+    int64_t made_for = 0;
+    float *scr = conv_scratch(L.C * L.ld), *grid = rows_mode ? NULL : conv_scratch(R * lg);
+    vec *sums = aligned_alloc(64, (size_t)((nnz > 0 ? nnz : 1) * (int64_t)sizeof(vec) + 63) / 64 * 64);
+    int64_t *toff = conv_offsets(row, shift, nnz, L.ld);
+    int64_t status = (scr && (grid || rows_mode) && sums && toff) ? 0 : -1;
+    for (int64_t c; status == 0 && (c = conv_claim(next)) < parts;) {
+        const int64_t b1 = ((c + 1) * L.per_part < L.B) ? (c + 1) * L.per_part : L.B;
+        for (int64_t q = 0; q < nnz; ++q) sums[q] = VZERO();
+        for (int64_t b0 = c * L.per_part; b0 < b1; b0 += L.nb) {
+            const int64_t nimg = (b1 - b0 < L.nb) ? b1 - b0 : L.nb;
+            if (rows_mode && nimg != made_for) {
+                conv_rows_free(&V);
+                V.in = V.out = NULL;
+                if (conv_rows_init(&V, &L, nimg, ostride)) {
+                    status = -1;
+                    break;
+                }
+                made_for = nimg;
+            }
+            conv_stack(x + b0 * L.C * L.H * L.W, L.C, nimg, &L, scr);
+            const float *restrict D = dy + b0 * ostride;
+            if (!rows_mode) conv_grid(D, R, nimg, &L, lg, grid);
+            const int64_t tiles = rows_mode ? (V.n + CONV_TV - 1) / CONV_TV : L.tiles;
+            for (int64_t t = 0; t < tiles; ++t) {
+                int64_t vin[CONV_TV];
+                for (int v = 0; v < CONV_TV; ++v) vin[v] = rows_mode ? V.in[t * CONV_TV + v] : t * CONV_TW + v * VW;
+                const int64_t nv = (rows_mode && V.n - t * CONV_TV < CONV_TV) ? V.n - t * CONV_TV : CONV_TV;
+                for (int64_t r = 0; r < R; ++r) {
+                    vec d[CONV_TV];
+                    for (int v = 0; v < CONV_TV; ++v)
+                        d[v] = !rows_mode ? VLOAD(grid + r * lg + vin[v])
+                                          : v < nv ? VLOAD(D + r * plane + V.out[t * CONV_TV + v]) : VZERO();
+                    for (int64_t q = ptr[r]; q < ptr[r + 1]; ++q) {
+                        const float *restrict src = scr + toff[q];
+                        vec a0 = VMUL(d[0], VLOAD(src + vin[0])), a1 = VMUL(d[1], VLOAD(src + vin[1]));
+                        for (int v = 2; v < CONV_TV; v += 2) {
+                            a0 = VFMA(d[v], VLOAD(src + vin[v]), a0);
+                            a1 = VFMA(d[v + 1], VLOAD(src + vin[v + 1]), a1);
+                        }
+                        sums[q] = VADD(sums[q], VADD(a0, a1));
+                    }
+                }
             }
         }
+        for (int64_t q = 0; q < nnz; ++q) part[c * nnz + q] = VHSUM(sums[q]);
     }
+    free(scr), free(grid), free(sums), free(toff), conv_rows_free(&V);
+    return status;
 }
 
-/*
- * Planes into a padded, flattened layout in one pass (no separate zero fill): plane q of src (H x W,
- * contiguous) becomes dst[q * ld ...]: `front` zeros, `top` zero rows of wp, then H rows of `left` zeros,
- * the W values and zeros up to wp, then zeros up to ld. For planes [q0, q1).
- */
-void nm_pad_planes_f32(const float *restrict src, int64_t H, int64_t W, float *restrict dst, int64_t ld,
-                       int64_t front, int64_t top, int64_t left, int64_t wp, int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-        const float *restrict s = src + q * H * W;
-        float *restrict d = dst + q * ld;
-        int64_t pos = front + top * wp;
-        memset(d, 0, (size_t)(pos + left) * sizeof(float));
-        for (int64_t h = 0; h < H; ++h) {
-            float *restrict line = d + pos + h * wp + left;
-            memcpy(line, s + h * W, (size_t)W * sizeof(float));
-            /* the rest of this row, and the next row's left margin (or the tail after the last row) */
-            const int64_t gap = (h + 1 < H) ? wp - W : 0;
-            memset(line + W, 0, (size_t)gap * sizeof(float));
-        }
-        const int64_t used = pos + (H - 1) * wp + left + W;
-        if (H == 0) {
-            memset(d, 0, (size_t)ld * sizeof(float));
-        } else if (used < ld) {
-            memset(d + used, 0, (size_t)(ld - used) * sizeof(float));
-        }
-    }
+/* out[j] = sum_{i < rows} a[i * n + j] in the order of i, for j in [j0, j1) (the chunks' partial sums). */
+void nm_sum_rows_f32(const float *restrict a, int64_t rows, int64_t n, float *restrict out, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) out[j] = 0.0f;
+    for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = j0; j < j1; ++j) out[j] += a[i * n + j];
+}
+
+/* Running a convolution kernel on the threads of an OpenMP team: GOMP_parallel(fn, data, threads, flags). */
+typedef void (*nm_gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+
+typedef struct {
+    const float *a, *b, *w;
+    const int64_t *geo, *row, *shift, *ptr;
+    int64_t R;
+    float *out;
+    int64_t next, status;
+} conv_task;
+
+static void conv_bags_task(void *p) {
+    conv_task *t = p;
+    if (nm_conv_bags_f32(t->a, t->geo, t->row, t->shift, t->ptr, t->w, t->R, t->out, &t->next))
+        __atomic_store_n(&t->status, -1, __ATOMIC_RELAXED);
+}
+
+static void conv_dots_task(void *p) {
+    conv_task *t = p;
+    if (nm_conv_dots_f32(t->a, t->b, t->geo, t->row, t->shift, t->ptr, t->R, t->out, &t->next))
+        __atomic_store_n(&t->status, -1, __ATOMIC_RELAXED);
+}
+
+int64_t nm_conv_bags_par_f32(void *gomp_parallel, int64_t threads, const float *x, const int64_t *geo,
+                             const int64_t *row, const int64_t *shift, const int64_t *ptr, const float *w, int64_t R,
+                             float *out) {
+    conv_task t = {x, NULL, w, geo, row, shift, ptr, R, out, 0, 0};
+    ((nm_gomp_parallel_fn)gomp_parallel)(conv_bags_task, &t, (unsigned)threads, 0);
+    return t.status;
+}
+
+int64_t nm_conv_dots_par_f32(void *gomp_parallel, int64_t threads, const float *dy, const float *x,
+                             const int64_t *geo, const int64_t *row, const int64_t *shift, const int64_t *ptr,
+                             int64_t R, float *part) {
+    conv_task t = {dy, x, NULL, geo, row, shift, ptr, R, part, 0, 0};
+    ((nm_gomp_parallel_fn)gomp_parallel)(conv_dots_task, &t, (unsigned)threads, 0);
+    return t.status;
 }

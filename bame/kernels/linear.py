@@ -28,23 +28,28 @@ if TYPE_CHECKING:
     from bame.kernels.plan import Plan
 
 __all__ = [
+    "CUDA_ONLY",
     "FORWARD",
     "INPUT_GRAD",
+    "NATIVE_ONLY",
     "WEIGHT_GRAD",
     "NMLinearFunction",
     "dw_dense",
     "dw_dense_masked",
+    "dw_direct",
     "dw_full",
     "dw_native",
     "dw_sampled",
     "dw_sampled_tiles",
     "dx_csr",
     "dx_dense",
+    "dx_direct",
     "dx_embag",
     "dx_embag_tiles",
     "dx_native",
     "fwd_csr",
     "fwd_dense",
+    "fwd_direct",
     "fwd_embag",
     "fwd_embag_tiles",
     "fwd_native",
@@ -302,6 +307,29 @@ def dx_chunked(dy: Tensor, packed: Packed, tile: int = 0) -> Tensor:
     return dx_chunked_tiles(native_tiles(dy, packed), dy.shape[0], packed)
 
 
+# -- native row-major kernels: x, dY and the results in their own (T, features) layout ------------------
+def fwd_direct(x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``y = x (W*B)^T`` with :func:`bame.native.rows_forward`: 16 output rows in lockstep over 16-token tiles
+    of ``x`` transposed in registers, written straight into ``(T, out)`` (float32 CPU; ``tile`` is ignored)."""
+    native.check_inputs(x, packed.values)
+    return native.rows_forward(x.contiguous(), packed.cols, _flat_values(packed), packed.shape[0])
+
+
+def dx_direct(dy: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dX = dY (W*B)`` with :func:`bame.native.rows_input_grad`: every slot scatters ``w * dY^T[row]`` into its
+    column of a tile's table (the forward structure, no transposed one; ``tile`` is ignored)."""
+    native.check_inputs(dy, packed.values)
+    return native.rows_input_grad(dy.contiguous(), packed.cols, _flat_values(packed), packed.shape[1])
+
+
+def dw_direct(dy: Tensor, x: Tensor, packed: Packed, tile: int = 0) -> Tensor:
+    """``dW`` at the kept slots with :func:`bame.native.rows_weight_grad` on row-major ``dY`` and ``x``: the slot
+    gradients ``(out, in//m, n)``, zero at padding slots (``tile`` is ignored)."""
+    native.check_inputs(dy, x)
+    grad = native.rows_weight_grad(dy.contiguous(), x.contiguous(), packed.cols, packed.slot_mask)
+    return grad.view_as(packed.indices)
+
+
 def scatter_values_native(grad_values: Tensor, packed: Packed) -> Tensor:
     """:func:`scatter_values` in one parallel pass (zeros and slot values written row by row)."""
     return native.scatter_rows(
@@ -346,18 +374,21 @@ def dx_semi_structured(dy: Tensor, packed: Packed, tile: int = 0) -> Tensor:
 ProductFn = Callable[[Tensor, Packed, int], Tensor]
 FORWARD: dict[str, ProductFn] = {
     "dense": fwd_dense, "embag": fwd_embag, "csr": fwd_csr, "native": fwd_native, "chunked": fwd_chunked,
-    "semi_structured": fwd_semi_structured,
+    "direct": fwd_direct, "semi_structured": fwd_semi_structured,
 }
 #: Formulations that can only run on a GPU (the planner skips them elsewhere).
 CUDA_ONLY = frozenset({"semi_structured"})  # the 2:4 units (fwd and, with a backward mask, dX)
+#: Formulations of the native C kernels (bame.native): float32 CPU tensors and a C compiler.
+NATIVE_ONLY = frozenset({"native", "chunked", "direct"})
 INPUT_GRAD: dict[str, ProductFn] = {
     "dense": dx_dense, "embag": dx_embag, "csr": dx_csr, "native": dx_native, "chunked": dx_chunked,
-    "semi_structured": dx_semi_structured,
+    "direct": dx_direct, "semi_structured": dx_semi_structured,
 }
 WEIGHT_GRAD: dict[str, Callable[[Tensor, Tensor, Packed, int], Tensor]] = {
     "dense": dw_dense,
     "sampled": dw_sampled,
     "native": dw_native,
+    "direct": dw_direct,
 }
 # The same products on token tiles (see bame.kernels.tiles): NMLinearFunction shares the tiles among them.
 FORWARD_TILES: dict[str, Callable[[Tensor, Packed], Tensor]] = {"embag": fwd_embag_tiles}
