@@ -31,10 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from bame.kernels import ops  # noqa: F401 (registers the bame:: operators the traced products call)
 from bame.kernels.compressed import compressed_conv, compressed_linear, conv_geometry
 from bame.kernels.conv import ConvPlan, choose_conv_plan, native_conv_problem
-from bame.kernels.packed import Packed, index_dtype
+from bame.kernels.packed import index_dtype
 from bame.kernels.plan import Plan, choose_plan
+from bame.kernels.slots import Slots
 from bame.nm import from_blocks, kept_indices, sorted_blocks, to_blocks
 
 __all__ = ["CompressedNM", "choose_products", "compress", "decompress", "load_plan", "plan_state", "storage_problem",
@@ -72,7 +74,7 @@ class _DenseView(torch.autograd.Function):
         return ctx.storage.gather(grad), None
 
 
-class CompressedNM(nn.Module):
+class CompressedNM(Slots, nn.Module):
     """The parametrization of a compressed layer's weight: ``values (K, N) -> dense W`` (a scatter).
 
     Buffers (saved by the sparsifier's state, not the model's): ``indices``, uint8 ``(K, N)``, the in-block
@@ -104,11 +106,6 @@ class CompressedNM(nn.Module):
         """The forward mask B (bool, the weight's shape), from the slots (cached until they change)."""
         return self._cached("mask", lambda: from_blocks(self.block_mask(), self.shape, "cin").contiguous())
 
-    def block_mask(self) -> Tensor:
-        """B as ``(K, M)`` blocks."""
-        idx = self.indices.long()
-        return torch.zeros(idx.shape[0], self.m, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
-
     def note(self) -> str:
         """What computes the layer's products, for the layer report."""
         if self.plan is not None:
@@ -120,33 +117,7 @@ class CompressedNM(nn.Module):
     def grad_is_masked(self, grad: Tensor) -> bool:
         return True  # the values' gradient has no pruned entries
 
-    def _cached(self, key: str, make: Any) -> Tensor:
-        version = self.indices._version
-        hit = self._cache.get(key)
-        if hit is None or hit[0] != version:
-            hit = self._cache[key] = (version, make())
-        return hit[1]
-
-    # -- values <-> dense ---------------------------------------------------------------------------------
-    def dense(self, values: Tensor) -> Tensor:
-        """The dense weight (the weight's shape) holding ``values`` at the slots, zeros elsewhere."""
-        blocks = torch.zeros(values.shape[0], self.m, dtype=values.dtype, device=values.device)
-        # contiguous: a convolution given the permuted view picks another algorithm (another summation order)
-        return from_blocks(blocks.scatter_(1, self.indices.long(), values), self.shape, "cin").contiguous()
-
-    def gather(self, dense: Tensor) -> Tensor:
-        """A weight-shaped tensor at the slots: ``(K, N)``."""
-        return to_blocks(dense, self.m, "cin").gather(1, self.indices.long())
-
-    def packed(self, values: Tensor) -> Packed:
-        """The Linear kernels' structure (absolute columns of the slots) holding ``values``."""
-        out, in_ = self.shape
-        cols = self._cached("cols", lambda: (torch.arange(in_ // self.m, device=self.indices.device).view(1, -1, 1)
-                                             * self.m + self.indices.long().view(out, -1, self.n)).reshape(-1))
-        structure = self._cached("packed", lambda: Packed(values, self.indices.view(out, -1, self.n), cols, self.n,
-                                                          self.m, (out, in_)))
-        return structure.with_values(values.reshape(out, -1, self.n))
-
+    # -- values <-> dense (dense, gather, packed: bame.kernels.slots.Slots) ------------------------------
     @torch.no_grad()
     def inference_weight(self, values: Tensor) -> Tensor:
         """The dense weight for inference, kept until the values or the slots change."""
@@ -180,12 +151,18 @@ class CompressedNM(nn.Module):
 
 
 def _product(storage: CompressedNM) -> Any:
-    """The forward of a compressed module (installed as the parametrization's ``forward_impl``). Under
-    ``torch.compile`` the module runs eagerly (:func:`_run_eagerly_under_compile`): its products call the
-    native kernels, and its weight gradient feeds the storage's mask updates."""
+    """The forward of a compressed module (installed as the parametrization's ``forward_impl``): its
+    products call the native kernels, and on update iterations its weight gradient feeds the storage's mask
+    update. Under ``torch.compile`` the products are custom operators (:func:`_traced_product`)."""
 
     def forward(module: nn.Module, x: Tensor) -> Tensor:
         values = module.parametrizations.weight.original
+        if torch.compiler.is_compiling():
+            return _traced_product(module, storage, x, values)
+        return eager(module, x, values)
+
+    @torch.compiler.disable
+    def eager(module: nn.Module, x: Tensor, values: Tensor) -> Tensor:
         if not torch.is_grad_enabled() and (storage.plan is None or storage.plan.fwd == "dense"):
             weight = storage.inference_weight(values).to(x.dtype)  # scattered once per change of W or B
             if isinstance(module, nn.Linear):
@@ -198,6 +175,7 @@ def _product(storage: CompressedNM) -> Any:
         return compressed_conv(x.contiguous(), values, storage, module.bias, module.stride, module.padding,
                                module.dilation, storage.plan)
 
+    forward.eager = eager  # type: ignore[attr-defined]
     return forward
 
 
@@ -243,20 +221,26 @@ def load_plan(state: dict[str, Any] | None) -> Any:
     return ConvPlan(**fields) if state["kind"] == "conv" else Plan(**fields)
 
 
-_EAGER: dict[type, type] = {}
+def _traced_product(module: nn.Module, storage: CompressedNM, x: Tensor, values: Tensor) -> Tensor:
+    """Under ``torch.compile``: the products as custom operators (:mod:`bame.kernels.ops`), one graph node
+    each. Iterations that hand the dense weight gradient to the storage (BAME's updates, one per delta_t)
+    and the first forward, which chooses the plan by timing, run eagerly (a graph break on those only)."""
+    if storage.want_dense_grad or (storage.plan is None and storage.plan_kernels and _plannable(module, x)):
+        return storage.forward_impl.eager(module, x, values)  # (an eager function: a graph break here)
+    fwd, dx, dw = ("dense",) * 3 if storage.plan is None else (storage.plan.fwd, storage.plan.dx, storage.plan.dw)
+    if isinstance(module, nn.Linear):
+        out, in_ = storage.shape
+        return torch.ops.bame.compressed_linear(x, values, storage.indices, module.bias, storage.bwd_keep, out, in_,
+                                                storage.n, storage.m, fwd, dx, dw)
+    return torch.ops.bame.compressed_conv(x, values, storage.indices, module.bias, storage.bwd_keep,
+                                          list(storage.shape), storage.n, storage.m, list(module.stride),
+                                          list(module.padding), list(module.dilation), fwd, dx, dw)
 
 
-def _run_eagerly_under_compile(module: nn.Module) -> None:
-    """Make the module's forward opaque to ``torch.compile`` (one graph break at the module's call, no
-    tracing into it), so every compressed layer is the same break and nothing recompiles per layer."""
-    cls = type(module)
-    if getattr(cls, "_bame_eager", False):
-        return
-    eager = _EAGER.get(cls)
-    if eager is None:
-        eager = _EAGER[cls] = type(cls.__name__, (cls,), {"forward": torch.compiler.disable(cls.forward),
-                                                          "_bame_eager": True})
-    module.__class__ = eager
+def _plannable(module: nn.Module, x: Tensor) -> bool:
+    """Whether a plan will be chosen for this layer (Linear layers always; convolutions the native kernels
+    can compute)."""
+    return isinstance(module, nn.Linear) or native_conv_problem(x, module.stride) is None
 
 
 def _state_dict_hook(storage: CompressedNM):
@@ -313,7 +297,6 @@ def compress(module: nn.Module, mask: Tensor, n: int, m: int, optimizer: torch.o
     plist.original = values_param
     storage.forward_impl = _product(storage)
     plist[0] = storage
-    _run_eagerly_under_compile(module)
     plist._register_state_dict_hook(_state_dict_hook(storage))
     plist._register_load_state_dict_pre_hook(_load_pre_hook(storage))
     return storage

@@ -115,3 +115,99 @@ def test_attached_inference_computes_the_masked_weight_once():
         attached = model(x)
         sp.squash()
         assert torch.equal(model(x), attached)  # the same numbers as the plain, squashed model
+
+
+def _graph_breaks(model: nn.Module, x: torch.Tensor) -> tuple[int, list[str]]:
+    """Graph breaks of one traced forward, and the bame operators in its graphs."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    ops = [str(node.target) for graph in explained.graphs for node in graph.graph.nodes
+           if str(node.target).startswith("bame.")]
+    return explained.graph_break_count, ops
+
+
+@pytest.mark.parametrize("make", [cnn, vit], ids=["cnn", "vit"])
+def test_compressed_products_are_operators_in_the_graph(make):
+    """Ordinary iterations: every compressed product is one bame:: operator node, no graph break; an
+    update iteration (the dense weight gradient goes to the storage) runs the layers eagerly."""
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = bame.sparsify(model, opt, "bame", "1:16", total_steps=STEPS * 2, verbose=False, storage="compressed",
+                       t_i=0, delta_t=4)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    for _ in range(2):  # the plans are chosen at the first forward
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert sp.switched and sp.step_count == 2 and not sp.plan(2).dense_wgrad
+    breaks, ops = _graph_breaks(model, x)
+    assert breaks == 0
+    assert len(ops) == len(sp.layers)
+    assert {op.removesuffix(".default") for op in ops} <= {"bame.compressed_linear", "bame.compressed_conv"}
+    sp.step_count = 4  # harness: an update iteration
+    sp.prepare(4)
+    _, ops = _graph_breaks(model, x)
+    assert ops == []  # the layers ran eagerly (outside any graph): no operator was traced
+
+
+def test_compiled_compressed_training_equals_eager_with_native_products():
+    """Plans with native kernels (forced), compiled with the operators, against eager: the same losses."""
+    from bame import native
+
+    if not native.available():
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    from bame.kernels.conv import ConvPlan
+    from bame.kernels.plan import Plan
+
+    def run(compiled: bool) -> list[float]:
+        model = cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = bame.sparsify(model, opt, "static", "1:16", verbose=False, storage="compressed",
+                           layer_filter=lambda n, m: n != "0")
+        for layer in sp.layers:
+            layer.compressed.plan = (Plan("native", "native", "native", reason="forced") if
+                                     isinstance(layer.module, nn.Linear) else ConvPlan("native", "native", "native"))
+        net = torch.compile(model, backend="aot_eager") if compiled else model
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(4):
+            x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    torch._dynamo.reset()
+    assert run(True) == pytest.approx(run(False), abs=1e-5)
+
+
+#: Options that make every method change its masks (or scales) within STEPS iterations.
+EVERY = {"bame": {"t_i": 3, "delta_t": 2}, "lma": {"t_i": 3, "delta_t": 2}, "rigl_nm": {"t_i": 3, "delta_t": 2},
+         "bame_bi": {"t_i": 3, "delta_t": 2}, "asp": {"prune_at": 3}, "bi_mask": {"perm_interval": 3},
+         "lbc": {"t_i": 0, "t_f": 6, "granularity": "iteration"}, "maxq": {"decay_start": 0, "decay_end": 6}}
+
+
+@pytest.mark.parametrize("method", list(__import__("bame").methods.available()))
+def test_every_method_compiles_without_graph_breaks_or_recompiles(method):
+    """Through its mask changes: one graph (MaxQ: two, its soft-mask scale appears at the decay's start),
+    no graph break."""
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    bame.sparsify(model, opt, method, "1:4", total_steps=STEPS * 2, verbose=False, steps_per_epoch=3,
+                  **EVERY.get(method, {}))
+    net = torch.compile(model, backend="aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] <= (2 if method == "maxq" else 1)
+    assert not counters["graph_break"]

@@ -4,6 +4,12 @@ the same results as dense storage, and everything users rely on still working.""
 from __future__ import annotations
 
 import copy
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +23,7 @@ from bame import native
 from bame.compressed import CompressedNM, update_slots
 from bame.errors import CheckpointError, ConfigError
 from bame.kernels.conv import ConvGeometry, conv_dw, conv_dx, conv_forward
-from bame.kernels.linear import dx_chunked, fwd_chunked
+from bame.kernels.linear import dw_direct, dx_chunked, dx_direct, fwd_chunked, fwd_direct
 from bame.kernels.packed import pack
 from bame.kernels.plan import random_nm_mask
 from bame.nm import from_blocks, is_nm, kept_indices, to_blocks
@@ -259,31 +265,125 @@ def test_a_state_of_the_other_storage_is_refused():
 
 
 # ------------------------------------------------------------------------------- the native kernels
-@needs_cc
-@given(st.sampled_from([(1, 4), (2, 4), (1, 8), (2, 8), (1, 16)]), st.integers(1, 3), st.integers(1, 3),
-       st.integers(0, 2), st.integers(1, 2), st.integers(3, 9), st.integers(3, 9), st.integers(0, 100))
-@settings(max_examples=25, deadline=None)
-def test_conv_kernels_equal_the_masked_dense_reference(nm, kernel, cin_blocks, padding, dilation, h, w, seed):
-    n, m = nm
+def conv_case(n: int, m: int, cin: int, out: int, kernel: int, h: int, w: int, padding: int, dilation: int,
+              stride: int, batch: int, seed: int) -> tuple:
+    """A random N:M conv: (x, values, indices, geometry, the masked-dense output, dY, dX and the slots' dW, the
+    references computed in float64)."""
     g = torch.Generator().manual_seed(seed)
-    cin, out, batch_size = cin_blocks * m, 8, 2
-    if h + 2 * padding - dilation * (kernel - 1) < 1 or w + 2 * padding - dilation * (kernel - 1) < 1:
-        return
     weight = torch.randn(out, cin, kernel, kernel, generator=g)
     mask = from_blocks(torch.rand(weight.numel() // m, m, generator=g).argsort(1) < n, weight.shape, "cin")
     wm = weight * mask
     idx = kept_indices(to_blocks(mask, m, "cin"), n)
     vals = to_blocks(wm, m, "cin").gather(1, idx)
-    x = torch.randn(batch_size, cin, h, w, generator=g, requires_grad=True)
-    ref_w = wm.clone().requires_grad_()
-    ref = F.conv2d(x, ref_w, None, 1, padding, dilation)
+    x = torch.randn(batch, cin, h, w, generator=g)
+    x64, ref_w = x.double().requires_grad_(), wm.double().requires_grad_()  # a reference without rounding error
+    ref = F.conv2d(x64, ref_w, None, stride, padding, dilation)
     dy = torch.randn(ref.shape, generator=g)
-    ref.backward(dy)
-    geo = ConvGeometry(out, cin, kernel, kernel, h, w, (padding, padding), (dilation, dilation))
-    y, planes = conv_forward(x.detach(), vals, idx, geo, m)
-    assert torch.allclose(y, ref, atol=1e-4)
-    assert torch.allclose(conv_dx(dy, vals, idx, geo, m), x.grad, atol=1e-4)
-    assert torch.allclose(conv_dw(dy, planes, idx, geo, m), to_blocks(ref_w.grad, m, "cin").gather(1, idx), atol=1e-4)
+    ref.backward(dy.double())
+    geo = ConvGeometry(out, cin, kernel, kernel, h, w, (padding, padding), (dilation, dilation), (stride, stride))
+    dw = to_blocks(ref_w.grad, m, "cin").gather(1, idx)
+    return x, vals, idx, geo, ref.detach().float(), dy, x64.grad.float(), dw.float()
+
+
+def assert_conv_kernels_match(case: tuple, m: int) -> None:
+    x, vals, idx, geo, y, dy, dx, dw = case
+    assert torch.allclose(conv_forward(x, vals, idx, geo, m), y, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(conv_dx(dy, vals, idx, geo, m), dx, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(conv_dw(dy, x, idx, geo, m), dw, rtol=1e-4, atol=1e-4)  # sums over the batch
+
+
+@needs_cc
+@given(st.sampled_from([(1, 4), (2, 4), (1, 8), (2, 8), (1, 16)]), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 2), st.integers(1, 2), st.integers(1, 3), st.sampled_from([3, 5, 8, 9, 16, 17, 32]),
+       st.sampled_from([3, 7, 8, 16, 32]), st.integers(1, 20), st.integers(0, 100))
+@settings(max_examples=40, deadline=None)
+def test_conv_kernels_equal_the_masked_dense_reference(nm, kernel, cin_blocks, padding, dilation, stride, h, w,
+                                                       batch, seed):
+    """Every product against the masked-dense reference: any kernel, padding (0 to 2), dilation, stride and
+    batch (chunks of several images, a last chunk with fewer); planes 8, 16, 32 wide take the row vectors,
+    other widths the output grid."""
+    n, m = nm
+    if min(h, w) + 2 * padding - dilation * (kernel - 1) < 1:
+        return
+    assert_conv_kernels_match(conv_case(n, m, cin_blocks * m, 8, kernel, h, w, padding, dilation, stride, batch,
+                                        seed), m)
+
+
+@needs_cc
+@pytest.mark.parametrize("shape", [(32, 32, 32, 32, 1), (64, 64, 16, 16, 1), (128, 128, 8, 8, 1),
+                                   (64, 32, 32, 32, 2), (16, 16, 9, 13, 2)],
+                         ids=["32x32", "16x16", "8x8", "stride-2", "odd"])
+def test_conv_kernels_on_resnet_shapes(shape):
+    """The CIFAR ResNet's layers (3x3, padding 1, 1:16) with enough images for several chunks and parts."""
+    out, cin, h, w, stride = shape
+    assert_conv_kernels_match(conv_case(1, 16, cin, out, 3, h, w, 1, 1, stride, 19, 0), 16)
+
+
+def test_stacking_by_hand():
+    """A 3x3 conv with padding 1 on 32 x 32 planes: one zero column and one zero row between planes (33 x 33
+    per image, shared), taps at e_h * 33 + e_w; stride 2 reads the 16 x 16 phases with offsets -1 and 0."""
+    geo = ConvGeometry(8, 16, 3, 3, 32, 32, (1, 1), (1, 1))
+    stack = geo.forward_stacking
+    assert (stack.sh, stack.wp, stack.padding, stack.reach) == (33, 33, (1, 1), (2, 2))
+    assert [stack.shift(e, f) for e in range(3) for f in range(3)] == [0, 1, 2, 33, 34, 35, 66, 67, 68]
+    assert geo.backward_stacking == stack  # "same" padding: the flipped kernel reads the same way
+    s2 = ConvGeometry(8, 16, 3, 3, 32, 32, (1, 1), (1, 1), (2, 2))
+    assert (s2.ho, s2.hph, s2.taps(0)) == (16, 16, ([1, 0, 1], [-1, 0, 0]))
+    assert (s2.forward_stacking.sh, s2.forward_stacking.padding, s2.forward_stacking.reach) == (17, (1, 1), (1, 1))
+    assert (s2.backward_stacking.sh, s2.backward_stacking.padding) == (17, (0, 0))  # reads dY rows i and i + 1
+
+
+@needs_cc
+@pytest.mark.parametrize("team", [True, False], ids=["openmp-team", "python-threads"])
+def test_conv_kernels_are_bit_identical_for_any_thread_split(team, monkeypatch):
+    """Chunks of images go to whichever thread claims them, and the weight gradient's partial sums are fixed
+    per chunk of images: results never depend on the thread count."""
+    if not team:
+        monkeypatch.setattr(native, "_omp_parallel", lambda: None)
+    for h in (16, 9):  # row vectors, output grid
+        x, vals, idx, geo, y, dy, dx, dw = conv_case(1, 8, 32, 24, 3, h, h, 1, 1, 1, 37, 3)
+        from bame.kernels.conv import conv_terms
+
+        t = conv_terms(idx, geo, 8)
+        fwd = geo.forward_stacking.geo(37, 32, 32, t.maxshift)
+        dots = geo.forward_stacking.geo(37, 32, 56, t.maxshift, 8)
+        assert dots[12] < 37  # several partial sums
+        runs = [(native.conv_bags(x, fwd, t.row, t.shift, t.ptr, vals.reshape(-1), threads=k),
+                 native.conv_dots(dy, x, dots, t.row, t.shift, t.ptr, threads=k)) for k in (1, 2, 3)]
+        for a, b in runs[1:]:
+            assert torch.equal(a, runs[0][0]) and torch.equal(b, runs[0][1])
+        assert torch.allclose(runs[0][0], y, atol=1e-4)
+
+
+CONV_CHECK = """
+import sys, torch
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from test_compressed import assert_conv_kernels_match, conv_case
+from bame import native
+assert native.available(), native.unavailable_reason()
+for shape in [(16, 16, 3, 32, 32, 1, 1, 1), (32, 32, 3, 8, 8, 1, 1, 1), (16, 8, 3, 9, 13, 1, 1, 2),
+              (16, 16, 1, 16, 16, 0, 1, 1), (16, 16, 3, 12, 12, 2, 2, 1)]:
+    cin, out, k, h, w, p, d, s = shape
+    assert_conv_kernels_match(conv_case(1, 16, cin, out, k, h, w, p, d, s, 5, 0), 16)
+print("ok")
+"""
+
+
+@needs_cc
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("gcc") is None,
+                    reason="builds the kernels for x86-64 targets with gcc")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "plain-c"])
+def test_conv_kernels_without_avx512(march, tmp_path):
+    """The AVX2 + FMA and the plain-C builds of the kernels (a compiler wrapper swaps -march=native)."""
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\nfor a; do shift; [ "$a" = -march=native ] && a=-march={march}; set -- "$@" "$a"; done\n'
+                  'exec gcc "$@"\n')
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "BAME_CACHE_DIR": str(tmp_path / "cache")}
+    root, tests = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", CONV_CHECK.format(root=str(root), tests=str(tests))], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @needs_cc
@@ -298,3 +398,49 @@ def test_chunked_linear_kernels_equal_the_reference(shape, nm, tokens):
     x, dy = torch.randn(tokens, in_, generator=g), torch.randn(tokens, out, generator=g)
     assert torch.allclose(fwd_chunked(x, packed), x @ (w * mask).t(), atol=1e-4)
     assert torch.allclose(dx_chunked(dy, packed), dy @ (w * mask), atol=1e-4)
+    assert torch.allclose(fwd_direct(x, packed), x @ (w * mask).t(), atol=1e-4)
+    assert torch.allclose(dx_direct(dy, packed), dy @ (w * mask), atol=1e-4)
+    dw = torch.gather(dy.t() @ x, 1, packed.cols2d).view_as(packed.indices)
+    assert torch.allclose(dw_direct(dy, x, packed), dw, atol=1e-4)
+
+
+@needs_cc
+@given(st.sampled_from([(1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (1, 16), (2, 16)]), st.integers(1, 40),
+       st.integers(1, 5), st.sampled_from([1, 2, 7, 15, 16, 17, 31, 64, 129]), st.integers(0, 1000))
+@settings(max_examples=40, deadline=None)
+def test_direct_linear_kernels_equal_the_reference(nm, out, blocks, tokens, seed):
+    """The row-major kernels on a compressed layer's own structure (slots in any order within a block, as
+    slot-stable mask updates leave them): odd and tiny token counts, rows not a multiple of 16, N > 1."""
+    from bame.kernels.slots import SlotStructure
+
+    n, m = nm
+    g = torch.Generator().manual_seed(seed)
+    in_ = blocks * m
+    order = torch.rand(out * blocks, m, generator=g).argsort(dim=1)[:, :n]  # (K, N): kept positions, unsorted
+    slots = SlotStructure((out, in_), n, m, order.to(torch.uint8))
+    values = torch.randn(out * blocks, n, generator=g)
+    dense = slots.dense(values)  # (out, in)
+    packed = slots.packed(values)
+    x, dy = torch.randn(tokens, in_, generator=g), torch.randn(tokens, out, generator=g)
+    assert torch.allclose(fwd_direct(x, packed), x @ dense.t(), atol=1e-4)
+    assert torch.allclose(dx_direct(dy, packed), dy @ dense, atol=1e-4)
+    assert torch.allclose(dw_direct(dy, x, packed).reshape(-1, n), slots.gather(dy.t() @ x), atol=1e-4)
+
+
+@needs_cc
+@pytest.mark.parametrize("method", ["bame", "bame_bi"])
+def test_direct_products_train_as_dense(method, monkeypatch):
+    """The row-major kernels forced for every product of every Linear layer (BAME-dagger's input gradient
+    through its backward mask) give the dense-storage results."""
+    from bame import compressed
+    from bame.kernels.plan import Plan
+
+    monkeypatch.setattr(compressed, "choose_plan", lambda *a, **k: Plan("direct", "direct", "direct", reason="x"))
+    dense = run("mlp", method, "dense", "sgd", 40)
+    comp = run("mlp", method, "compressed", "sgd", 40, kernel="sparse")
+    notes = [row["kernel"] for row in comp[2].layer_report() if row["sparse"]]
+    assert notes and all(note == "compressed; x" for note in notes)
+    for a, b in zip(dense[2].layers, comp[2].layers, strict=True):
+        assert torch.equal(a.mask, b.mask)
+        assert torch.allclose(a.module.weight, b.module.weight, atol=1e-4)
+    assert max(abs(x - y) for x, y in zip(dense[3], comp[3], strict=True)) < 1e-4

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bame.kernels.conv import ConvGeometry, conv_dw, conv_dx, conv_forward, padded_planes
+from bame import native
+from bame.kernels.conv import ConvGeometry, ConvTerms, conv_dw, conv_dx, conv_forward, conv_terms
 from bame.kernels.linear import (
     FORWARD,
     INPUT_GRAD,
@@ -33,7 +34,8 @@ from bame.kernels.linear import (
     native_tiles,
 )
 
-__all__ = ["CompressedConvFunction", "CompressedLinearFunction", "compressed_conv", "compressed_linear"]
+__all__ = ["CompressedConvFunction", "CompressedLinearFunction", "compressed_conv", "compressed_linear",
+           "linear_backward", "linear_forward"]
 
 
 def _names(plan: Any) -> tuple[str, str, str]:
@@ -45,65 +47,108 @@ FORWARD_TILED = {"native": fwd_native_tiles, "chunked": fwd_chunked_tiles}
 INPUT_GRAD_TILED = {"native": dx_native_tiles, "chunked": dx_chunked_tiles}
 
 
+def _native_slots(vals: Tensor) -> bool:
+    return vals.dtype == torch.float32 and vals.device.type == "cpu" and native.available()
+
+
+def linear_dense(storage: Any, vals: Tensor) -> Tensor:
+    """A Linear layer's dense ``(out, in)`` weight from its values: one parallel native pass on float32 CPU
+    tensors (the storage's blockwise scatter takes as long as the product it feeds), else that scatter."""
+    if not _native_slots(vals):
+        return storage.dense(vals)
+    packed = storage.packed(vals)
+    return native.scatter_rows(vals.reshape(-1).contiguous(), packed.cols, packed.row_ptr(), packed.shape, threads=1)
+
+
+def linear_gather(storage: Any, full: Tensor, vals: Tensor) -> Tensor:
+    """A dense ``(out, in)`` tensor at the slots of a Linear layer holding ``vals``: ``(K, N)`` (native where
+    it can run)."""
+    if not _native_slots(full):
+        return storage.gather(full)
+    packed = storage.packed(vals)
+    return native.gather_rows(full.contiguous(), packed.cols, packed.row_ptr(), threads=1).view(-1, storage.n)
+
+
+def linear_forward(x2: Tensor, vals: Tensor, storage: Any, bias: Tensor | None, plan_names: tuple[str, str, str],
+                   tile_x: bool, dense: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """``y = x W^T + b`` on ``(T, in)`` rows, W compressed; also the native kernels' tiling of x^T when the
+    forward or (``tile_x``) the weight gradient reads it (one tiling shared by both). ``dense``: the dense
+    weight, when the caller has it already (a dense forward then scatters nothing)."""
+    fwd, _, dw_name = plan_names
+    packed = None if fwd == "dense" else storage.packed(vals)
+    x_nt = native_tiles(x2, storage.packed(vals)) if fwd in FORWARD_TILED or (tile_x and dw_name == "native") else None
+    if fwd == "dense":
+        y2 = F.linear(x2, linear_dense(storage, vals) if dense is None else dense)  # (T, out)
+    elif fwd in FORWARD_TILED:
+        y2 = FORWARD_TILED[fwd](x_nt, x2.shape[0], packed)
+    else:
+        y2 = FORWARD[fwd](x2, packed, 0)
+    if bias is not None:  # a sparse product's output is a fresh tensor: add in place (no second (T, out) copy)
+        y2 = y2 + bias if fwd == "dense" else y2.add_(bias)
+    return y2, x_nt
+
+
+def linear_backward(dy2: Tensor, x2: Tensor, vals: Tensor, storage: Any, plan_names: tuple[str, str, str],
+                    need_dx: bool, need_dw: bool, x_nt: Tensor | None = None,
+                    dense: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """``(dX (T, in), d values (K, N))`` from ``dY (T, out)``; on the storage's update iterations
+    (``want_dense_grad``) the weight gradient is one dense product, handed to the storage. ``dense``: the
+    forward's dense weight, for a dense input gradient without a backward mask (not scattered twice)."""
+    _, dx_name, dw_name = plan_names
+    sparse_dw = need_dw and not storage.want_dense_grad and dw_name != "dense"
+    tiled = (need_dx and dx_name in INPUT_GRAD_TILED) or (sparse_dw and dw_name == "native")
+    dy_nt = native_tiles(dy2, storage.packed(vals)) if tiled else None  # one tiling of dY^T for dX and dW
+    dx = dvals = None
+    if need_dx:
+        bwd = vals if storage.bwd_keep is None else vals * storage.bwd_keep  # BAME-dagger's backward mask
+        if dx_name == "dense":
+            dx = dy2 @ (linear_dense(storage, bwd) if dense is None or storage.bwd_keep is not None else dense)
+        elif dx_name in INPUT_GRAD_TILED:
+            dx = INPUT_GRAD_TILED[dx_name](dy_nt, dy2.shape[0], storage.packed(bwd))
+        else:
+            dx = INPUT_GRAD[dx_name](dy2, storage.packed(bwd), 0)
+    if need_dw:
+        if sparse_dw and dw_name == "native":
+            if x_nt is None:
+                x_nt = native_tiles(x2, storage.packed(vals))
+            dvals = dw_native_tiles(dy_nt, x_nt, dy2.shape[0], storage.packed(vals))
+        elif sparse_dw:
+            dvals = WEIGHT_GRAD[dw_name](dy2, x2, storage.packed(vals), 0)
+        else:
+            full = dy2.t() @ x2  # (out, in): the one dense weight-gradient product
+            if storage.want_dense_grad:
+                storage.stash(full)
+            dvals = linear_gather(storage, full, vals)
+        dvals = dvals.reshape(-1, storage.n)
+    return dx, dvals
+
+
 class CompressedLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` for a compressed W: every product from the values and indices (see module doc)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, values: Tensor, storage: Any, bias: Tensor | None, plan: Any) -> Tensor:
-        fwd, dx_name, dw_name = _names(plan)
+        names = _names(plan)
         x2 = x.reshape(-1, x.shape[-1])  # (T, in)
         vals = values.detach().to(x.dtype)
-        packed = None if fwd == "dense" else storage.packed(vals)
-        tiled_dw = ctx.needs_input_grad[1] and dw_name == "native"
-        # The native kernels' tiling of x^T, shared by the forward and the weight gradient.
-        x_nt = native_tiles(x2, storage.packed(vals)) if fwd in FORWARD_TILED or tiled_dw else None
-        if fwd == "dense":
-            y2 = F.linear(x2, storage.dense(vals))  # (T, out)
-        elif fwd in FORWARD_TILED:
-            y2 = FORWARD_TILED[fwd](x_nt, x2.shape[0], packed)
-        else:
-            y2 = FORWARD[fwd](x2, packed, 0)
-        if bias is not None:
-            y2 = y2 + bias
-        ctx.save_for_backward(x2, vals, x_nt)
-        ctx.storage, ctx.plan_names, ctx.x_shape, ctx.v_dtype = storage, (fwd, dx_name, dw_name), x.shape, values.dtype
+        # Dense forward and input gradient on one weight: scatter it once, keep it for the backward.
+        reuse = names[:2] == ("dense", "dense") and storage.bwd_keep is None and ctx.needs_input_grad[0]
+        dense = linear_dense(storage, vals) if reuse else None  # (out, in)
+        y2, x_nt = linear_forward(x2, vals, storage, bias, names, ctx.needs_input_grad[1], dense)
+        ctx.save_for_backward(x2, vals, x_nt, dense)
+        ctx.storage, ctx.plan_names, ctx.x_shape, ctx.v_dtype = storage, names, x.shape, values.dtype
         ctx.has_bias = bias is not None
         return y2.view(*x.shape[:-1], storage.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x2, vals, x_nt = ctx.saved_tensors
-        storage = ctx.storage
-        _, dx_name, dw_name = ctx.plan_names
+        x2, vals, x_nt, dense = ctx.saved_tensors
         dy2 = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)  # (T, out)
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        sparse_dw = need_dw and not storage.want_dense_grad and dw_name != "dense"
-        tiled = (need_dx and dx_name in INPUT_GRAD_TILED) or (sparse_dw and dw_name == "native")
-        dy_nt = native_tiles(dy2, storage.packed(vals)) if tiled else None  # one tiling of dY^T for dX and dW
-        dx = dvals = db = None
-        if need_dx:
-            bwd = vals if storage.bwd_keep is None else vals * storage.bwd_keep  # BAME-dagger's backward mask
-            if dx_name == "dense":
-                dx = dy2 @ storage.dense(bwd)  # (T, in)
-            elif dx_name in INPUT_GRAD_TILED:
-                dx = INPUT_GRAD_TILED[dx_name](dy_nt, dy2.shape[0], storage.packed(bwd))
-            else:
-                dx = INPUT_GRAD[dx_name](dy2, storage.packed(bwd), 0)
-            dx = dx.view(ctx.x_shape)
-        if need_dw:
-            if sparse_dw and dw_name == "native":
-                dvals = dw_native_tiles(dy_nt, x_nt, dy2.shape[0], storage.packed(vals))
-            elif sparse_dw:
-                dvals = WEIGHT_GRAD[dw_name](dy2, x2, storage.packed(vals), 0)
-            else:
-                full = dy2.t() @ x2  # (out, in): the one dense weight-gradient product
-                if storage.want_dense_grad:
-                    storage.stash(full)
-                dvals = storage.gather(full)
-            dvals = dvals.reshape(-1, storage.n).to(ctx.v_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            db = dy2.sum(0)
-        return dx, dvals, None, db, None
+        dx, dvals = linear_backward(dy2, x2, vals, ctx.storage, ctx.plan_names, ctx.needs_input_grad[0],
+                                    ctx.needs_input_grad[1], x_nt, dense)
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return (None if dx is None else dx.view(ctx.x_shape)), (None if dvals is None else dvals.to(ctx.v_dtype)), \
+            None, db, None
 
 
 def compressed_linear(x: Tensor, values: Tensor, storage: Any, bias: Tensor | None = None,
@@ -114,7 +159,7 @@ def compressed_linear(x: Tensor, values: Tensor, storage: Any, bias: Tensor | No
 
 class CompressedConvFunction(torch.autograd.Function):
     """A convolution with a compressed weight (N:M along the input channels): each product native
-    (:mod:`bame.kernels.conv`, stride 1) or dense on the scattered weight, as the layer's
+    (:mod:`bame.kernels.conv`, any stride) or dense on the scattered weight, as the layer's
     :class:`~bame.kernels.conv.ConvPlan` says; the weight gradient at the kept slots (the dense gradient
     handed to the storage on update iterations)."""
 
@@ -122,17 +167,14 @@ class CompressedConvFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, values: Tensor, storage: Any, bias: Tensor | None, stride: tuple,
                 padding: tuple, dilation: tuple, plan: Any) -> Tensor:
         vals = values.detach().to(x.dtype)
-        geo = None if plan is None or plan.is_dense else conv_geometry(storage, x, padding, dilation)
-        planes = None
+        geo = None if plan is None or plan.is_dense else conv_geometry(storage, x, padding, dilation, stride)
         if geo is not None and plan.fwd == "native":
-            y, planes = conv_forward(x, vals, storage.indices, geo, storage.m)
+            y = conv_forward(x, vals, storage.indices, geo, storage.m, _terms(storage, geo))
             if bias is not None:
                 y = y + bias.view(1, -1, 1, 1)
         else:
             y = F.conv2d(x, storage.dense(vals), bias, stride, padding, dilation)
-        if geo is not None and plan.dw == "native" and planes is None:
-            planes = padded_planes(x, geo)
-        ctx.save_for_backward(x, vals, planes)
+        ctx.save_for_backward(x, vals)
         ctx.storage, ctx.conf, ctx.has_bias, ctx.v_dtype = storage, (stride, padding, dilation), bias is not None, \
             values.dtype
         ctx.plan, ctx.geo = plan, geo
@@ -140,7 +182,7 @@ class CompressedConvFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, vals, planes = ctx.saved_tensors
+        x, vals = ctx.saved_tensors
         storage, plan, geo = ctx.storage, ctx.plan, ctx.geo
         stride, padding, dilation = ctx.conf
         grad_y = grad_y.to(x.dtype).contiguous()
@@ -158,9 +200,9 @@ class CompressedConvFunction(torch.autograd.Function):
                     storage.stash(dw)
                 dvals = storage.gather(dw)
         if native_dx:
-            dx = conv_dx(grad_y, bwd, storage.indices, geo, storage.m)
+            dx = conv_dx(grad_y, bwd, storage.indices, geo, storage.m, _terms(storage, geo))
         if native_dw and ctx.needs_input_grad[1]:
-            dvals = conv_dw(grad_y, planes, storage.indices, geo, storage.m)
+            dvals = conv_dw(grad_y, x, storage.indices, geo, storage.m, _terms(storage, geo))
         if dvals is not None:
             dvals = dvals.to(ctx.v_dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
@@ -168,10 +210,15 @@ class CompressedConvFunction(torch.autograd.Function):
         return dx, dvals, None, db, None, None, None, None
 
 
-def conv_geometry(storage: Any, x: Tensor, padding: tuple, dilation: tuple) -> ConvGeometry:
+def _terms(storage: Any, geo: ConvGeometry) -> ConvTerms:
+    """The layer's terms for this geometry, kept by the storage until its slots change."""
+    return storage._cached(f"conv terms {geo}", lambda: conv_terms(storage.indices, geo, storage.m))
+
+
+def conv_geometry(storage: Any, x: Tensor, padding: tuple, dilation: tuple, stride: tuple = (1, 1)) -> ConvGeometry:
     """The geometry of a compressed convolution on input ``x``."""
     out, cin, kh, kw = storage.shape
-    return ConvGeometry(out, cin, kh, kw, x.shape[2], x.shape[3], tuple(padding), tuple(dilation))
+    return ConvGeometry(out, cin, kh, kw, x.shape[2], x.shape[3], tuple(padding), tuple(dilation), tuple(stride))
 
 
 def compressed_conv(x: Tensor, values: Tensor, storage: Any, bias: Tensor | None, stride: tuple, padding: tuple,
