@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from bame.kernels import ops  # noqa: F401 (registers the bame:: operators the traced products call)
 from bame.kernels.compressed import compressed_conv, compressed_linear, conv_geometry
@@ -168,7 +169,7 @@ def _product(storage: CompressedNM) -> Any:
             if isinstance(module, nn.Linear):
                 return torch.nn.functional.linear(x, weight, module.bias)
             return module._conv_forward(x, weight, module.bias)
-        if storage.plan is None and storage.plan_kernels:
+        if storage.plan is None and storage.plan_kernels and not probing():
             storage.plan = choose_products(storage, module, x.shape, x.dtype, x.device)
         if isinstance(module, nn.Linear):
             return compressed_linear(x, values, storage, module.bias, storage.plan)
@@ -177,6 +178,13 @@ def _product(storage: CompressedNM) -> Any:
 
     forward.eager = eager  # type: ignore[attr-defined]
     return forward
+
+
+def probing() -> bool:
+    """True inside a probe of the model (a FLOPs count's ``FlopCounterMode``, any ``TorchDispatchMode``):
+    such a forward, often on one sample, neither chooses a layer's plan (dense products serve it) nor counts
+    as the training input the plan is chosen for."""
+    return is_in_torch_dispatch_mode()
 
 
 def choose_products(storage: CompressedNM, module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype,

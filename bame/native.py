@@ -514,19 +514,33 @@ def _omp_parallel() -> int | None:
     if _gomp is None:
         _gomp = 0
         if "parallel backend: OpenMP" in torch.__config__.parallel_info():
-            try:
-                with open("/proc/self/maps") as f:
-                    paths = {ln.split()[-1] for ln in f if "omp" in ln.rsplit("/", 1)[-1] and ".so" in ln}
-            except OSError:
-                paths = set()
-            for path in sorted(paths):
-                try:
-                    _gomp = ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value or 0
-                except (OSError, AttributeError):
-                    continue
-                if _gomp:
-                    break
+            _gomp = _torch_gomp_parallel()
     return _gomp or None
+
+
+def _torch_gomp_parallel() -> int:
+    """``GOMP_parallel`` as torch's own extension resolves it (a lookup through its dependencies), else from
+    a libgomp loaded in this process, torch's copy first. Never another package's copy when torch's is
+    found: scikit-learn ships one, whose team would compete with torch's for the cores (a 2x slower step,
+    measured)."""
+    try:
+        return ctypes.cast(ctypes.CDLL(torch._C.__file__).GOMP_parallel, ctypes.c_void_p).value or 0
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "gomp" in ln.rsplit("/", 1)[-1] and ".so" in ln}
+    except OSError:
+        return 0
+    home = os.path.dirname(torch.__file__) + os.sep
+    for path in sorted(paths, key=lambda p: (not p.startswith(home), p)):
+        try:
+            address = ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+        if address:
+            return address
+    return 0
 
 
 def _conv_call(lib: ctypes.CDLL, name: str, work: int, threads: int | None, *args) -> None:

@@ -129,15 +129,16 @@ class SparseLayer:
             self._watch = None
 
     def watch_input(self) -> None:
-        """Record the first training input's shape (a one-off hook): the compressed products' plan is chosen
-        for it at the switch, not at the next forward, so that a checkpoint between the two holds it."""
+        """Record the largest training input seen before the switch (a hook, removed at the switch): the
+        compressed products' plan is chosen for it at the switch, not at the next forward, so that a
+        checkpoint between the two holds it. The largest, not the first: a FLOPs count traces the model on
+        one or two samples, and an epoch's last batch may be short."""
 
         def hook(module: nn.Module, args: tuple) -> None:
-            if torch.is_grad_enabled() and not torch.compiler.is_compiling() and args:
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling() and args and not compressed.probing():
                 x = args[0]
-                self.input_seen = (tuple(x.shape), x.dtype, x.device)
-                self._watch.remove()
-                self._watch = None
+                if self.input_seen is None or x.numel() > math.prod(self.input_seen[0]):
+                    self.input_seen = (tuple(x.shape), x.dtype, x.device)
 
         self._watch = self.module.register_forward_pre_hook(hook)
 

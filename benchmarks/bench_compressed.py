@@ -254,7 +254,8 @@ def run_part(args: argparse.Namespace) -> dict[str, Any]:
                 out = os.path.join(tmp, f"{name}-{r}")
                 summary = engine.fit(config.build(cfg), out)
                 with open(os.path.join(out, "metrics.jsonl")) as f:
-                    epochs = [json.loads(line)["wall_s"] for line in f]
+                    ends = [json.loads(line)["wall_s"] for line in f]  # the run's wall time at each epoch's end
+                epochs = [b - a for a, b in zip([0.0, *ends], ends, strict=False)]
                 runs[name].append({"wall_s": summary["wall_time_s"], "epoch_wall_s": epochs, "top1": summary["top1"],
                                    "flops_ratio": summary["train_flops_ratio"],
                                    "flops_ratio_hw": summary["train_flops_ratio_hw"]})

@@ -203,6 +203,58 @@ def test_resume_is_bit_exact_in_either_loading_order(order):
     assert loss.item() == full[3][-1]
 
 
+def test_plans_are_chosen_for_the_largest_training_input_before_the_switch(monkeypatch):
+    """A FLOPs count's one-sample forward and an epoch's short last batch come before the switch: the
+    plan is chosen for the full batch (16 rows), not for the first input (1 row) or the last (3)."""
+    from bame import compressed
+
+    seen = []
+    real = compressed.choose_products
+    monkeypatch.setattr(compressed, "choose_products", lambda *a: seen.append(a[2]) or real(*a))
+    model = mlp()
+    opt = optimizer(model, "sgd")
+    sp = bame.sparsify(model, opt, "bame", "2:8", total_steps=12, verbose=False, storage="compressed",
+                       kernel="sparse", delta_t=2)
+    model(torch.randn(1, 32)).sum().backward()  # a forward on one sample
+    opt.zero_grad()
+    for t in range(5):
+        x, y = batch("mlp", t)
+        x, y = (x[:3], y[:3]) if t == 3 else (x, y)  # a short batch just before the switch (t_i = 4)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert sp.switched
+    assert seen == [(16, 32), (16, 64)]
+
+
+@pytest.mark.parametrize("method", ["static", "bame"])
+def test_a_flops_count_neither_chooses_nor_sizes_the_plan(method, monkeypatch):
+    """A FLOPs count (``FlopCounterMode``) on one sample, as ``bame train`` runs after ``sparsify``: static
+    storage is compressed already, and the plan must still be chosen at the first training forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bame import compressed
+
+    seen = []
+    real = compressed.choose_products
+    monkeypatch.setattr(compressed, "choose_products", lambda *a: seen.append(a[2]) or real(*a))
+    model = mlp()
+    opt = optimizer(model, "sgd")
+    options = {"delta_t": 2} if method == "bame" else {}
+    bame.sparsify(model, opt, method, "2:8", total_steps=12, verbose=False, storage="compressed", kernel="sparse",
+                  **options)
+    with FlopCounterMode(display=False):
+        model(torch.randn(1, 32)).sum().backward()
+    opt.zero_grad()
+    assert seen == []
+    for t in range(6):
+        x, y = batch("mlp", t)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert seen == [(16, 32), (16, 64)]
+
+
 def test_static_is_compressed_from_the_start_and_resumes():
     model, opt, sp, _ = run("mlp", "static", "compressed", "sgd", 10)
     state = copy.deepcopy((model.state_dict(), opt.state_dict(), sp.state_dict()))

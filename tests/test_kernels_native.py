@@ -474,3 +474,26 @@ def test_sr_ste_decay_takes_the_native_kernel_on_large_layers(monkeypatch) -> No
 
 
 _real_decay = native.srste_decay_
+
+
+def test_the_kernels_run_on_torchs_openmp_team_when_another_runtime_is_loaded_first():
+    """scikit-learn (the digits data set) loads its own libgomp before bame's first kernel: the kernels must
+    still take torch's team, not that one (two teams of spinning workers made a whole step 2x slower)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch computes on another parallel backend")
+    pytest.importorskip("sklearn")
+    code = (
+        "import ctypes, os, sklearn.datasets, torch\n"
+        "from bame import native\n"
+        "maps = {l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l.rsplit('/', 1)[-1]}\n"
+        "home = os.path.dirname(torch.__file__) + os.sep\n"
+        "theirs = [p for p in maps if not p.startswith(home)]\n"
+        "ours = [ctypes.cast(ctypes.CDLL(p).GOMP_parallel, ctypes.c_void_p).value\n"
+        "        for p in maps if p.startswith(home)]\n"
+        "print(len(theirs) > 0, native._omp_parallel() in ours if ours else None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    another_loaded, ours = out.stdout.split()
+    if ours == "None" or another_loaded != "True":
+        pytest.skip("torch's libgomp is not in its package directory here, or scikit-learn loads none")
+    assert ours == "True", out.stdout
