@@ -191,7 +191,7 @@ def choose_products(storage: CompressedNM, module: nn.Module, shape: tuple[int, 
                     device: torch.device) -> Any:
     """The plan of a compressed layer's products for inputs of ``shape``: timed sparse formulations against
     dense ones (:func:`bame.kernels.choose_plan`, :func:`bame.kernels.conv.choose_conv_plan`); None where
-    only dense products can run (a strided convolution, a CUDA tensor)."""
+    only dense products can run (a CUDA tensor, no native kernels)."""
     if isinstance(module, nn.Linear):
         out, in_ = storage.shape
         tokens = math.prod(shape) // in_
@@ -199,7 +199,8 @@ def choose_products(storage: CompressedNM, module: nn.Module, shape: tuple[int, 
             return _agreed(choose_plan(out, in_, storage.n, storage.m, tokens, dtype, device))
     if native_conv_problem(torch.empty(0, dtype=dtype, device=device), module.stride) is not None:
         return None
-    geo = conv_geometry(storage, torch.empty(shape, dtype=dtype, device="meta"), module.padding, module.dilation)
+    geo = conv_geometry(storage, torch.empty(shape, dtype=dtype, device="meta"), module.padding, module.dilation,
+                        module.stride)
     return _agreed(choose_conv_plan(geo, storage.n, storage.m, shape[0], dtype, device))
 
 

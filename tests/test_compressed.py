@@ -255,6 +255,23 @@ def test_a_flops_count_neither_chooses_nor_sizes_the_plan(method, monkeypatch):
     assert seen == [(16, 32), (16, 64)]
 
 
+def test_a_strided_convolution_is_planned_with_its_stride(monkeypatch):
+    from bame import compressed
+
+    if not native.available():
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    seen = []
+    real = compressed.choose_conv_plan
+    monkeypatch.setattr(compressed, "choose_conv_plan", lambda geo, *a: seen.append(geo) or real(geo, *a))
+    model = cnn()
+    opt = optimizer(model, "sgd")
+    bame.sparsify(model, opt, "static", "2:8", total_steps=4, verbose=False, storage="compressed", kernel="sparse")
+    x, y = batch("cnn", 0)
+    F.cross_entropy(model(x), y).backward()
+    assert [g.stride for g in seen] == [(1, 1), (1, 1), (2, 2)]  # conv 16->32, the dilated one, the 1x1 of stride 2
+    assert seen[-1].ho == 4 and seen[-1].height == 8
+
+
 def test_static_is_compressed_from_the_start_and_resumes():
     model, opt, sp, _ = run("mlp", "static", "compressed", "sgd", 10)
     state = copy.deepcopy((model.state_dict(), opt.state_dict(), sp.state_dict()))
