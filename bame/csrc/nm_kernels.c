@@ -73,13 +73,10 @@ typedef float vec;
 #define VHSUM(v) (v)
 #endif
 
-/* One bag over one tile of compile-time width W (a multiple of VW): two sets of W / VW vector accumulators
- * (even and odd slots: twice the independent FMA chains, to hide the FMA latency), summed at the end. */
-#define BAG_TILE(W)                                                                      \
+/* The slots [p0, p1) of one bag into ``acc`` and ``acc2`` (W / VW vectors each): even and odd slots in
+ * two sets of accumulators, twice the independent FMA chains, to hide the FMA latency. */
+#define BAG_SLOTS(W)                                                                     \
     do {                                                                                 \
-        vec acc[(W) / VW], acc2[(W) / VW];                                               \
-        float buf[W];                                                                    \
-        for (int v = 0; v < (W) / VW; ++v) acc[v] = acc2[v] = VZERO();                   \
         int64_t p = p0;                                                                  \
         for (; p + 1 < p1; p += 2) {                                                     \
             const vec w0 = VSET1(w[wperm ? wperm[p] : p]);                               \
@@ -96,6 +93,16 @@ typedef float vec;
             const float *restrict row0 = tab + idx[p] * (W);                             \
             for (int v = 0; v < (W) / VW; ++v) acc[v] = VFMA(w0, VLOAD(row0 + v * VW), acc[v]); \
         }                                                                                \
+    } while (0)
+
+/* One bag over one tile of compile-time width W (a multiple of VW): two sets of W / VW vector accumulators
+ * (even and odd slots: twice the independent FMA chains, to hide the FMA latency), summed at the end. */
+#define BAG_TILE(W)                                                                      \
+    do {                                                                                 \
+        vec acc[(W) / VW], acc2[(W) / VW];                                               \
+        float buf[W];                                                                    \
+        for (int v = 0; v < (W) / VW; ++v) acc[v] = acc2[v] = VZERO();                   \
+        BAG_SLOTS(W);                                                                    \
         for (int v = 0; v < (W) / VW; ++v) VSTORE(buf + v * VW, VADD(acc[v], acc2[v]));  \
         for (int64_t j = 0; j < width; ++j) dst[j * ldt] = buf[j];                       \
     } while (0)
@@ -492,22 +499,7 @@ void nm_srste_decay_f32(float *restrict grad, const float *restrict w, const uin
             acc[v] = first ? VZERO() : VLOAD(sc + v * VW);                               \
             acc2[v] = VZERO();                                                           \
         }                                                                                \
-        int64_t p = p0;                                                                  \
-        for (; p + 1 < p1; p += 2) {                                                     \
-            const vec w0 = VSET1(w[wperm ? wperm[p] : p]);                               \
-            const vec w1 = VSET1(w[wperm ? wperm[p + 1] : p + 1]);                       \
-            const float *restrict row0 = tab + idx[p] * (W);                             \
-            const float *restrict row1 = tab + idx[p + 1] * (W);                         \
-            for (int v = 0; v < (W) / VW; ++v) {                                         \
-                acc[v] = VFMA(w0, VLOAD(row0 + v * VW), acc[v]);                         \
-                acc2[v] = VFMA(w1, VLOAD(row1 + v * VW), acc2[v]);                       \
-            }                                                                            \
-        }                                                                                \
-        if (p < p1) {                                                                    \
-            const vec w0 = VSET1(w[wperm ? wperm[p] : p]);                               \
-            const float *restrict row0 = tab + idx[p] * (W);                             \
-            for (int v = 0; v < (W) / VW; ++v) acc[v] = VFMA(w0, VLOAD(row0 + v * VW), acc[v]); \
-        }                                                                                \
+        BAG_SLOTS(W);                                                                    \
         for (int v = 0; v < (W) / VW; ++v) acc[v] = VADD(acc[v], acc2[v]);               \
         if (last) {                                                                      \
             float buf[W];                                                                \
