@@ -61,17 +61,6 @@ RUN_TARGET = 0.65  # a whole bame train run, BAME 1:16 (compressed) over dense, 
 EVOLUTION = {"t_i": 0, "t_f": common.TOTAL_STEPS, "delta_t": common.DELTA_T}
 
 
-class Block(nn.Module):
-    """Pre-norm MLP block: ``x + fc2(gelu(fc1(norm(x))))``."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(ap, "results/bench_compressed.json", default_repeats=10)
@@ -161,7 +150,7 @@ def mlp_part(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for nm in [p.strip() for p in args.patterns.split(",") if p.strip()]:
         torch.manual_seed(0)
-        base = nn.Sequential(*[Block(args.dim, args.hidden) for _ in range(args.depth)])
+        base = nn.Sequential(*[common.Block(args.dim, args.hidden) for _ in range(args.depth)])
         g = torch.Generator().manual_seed(1)
         x, target = torch.randn(args.tokens, args.dim, generator=g), torch.randn(args.tokens, args.dim, generator=g)
         every_linear = lambda name, module: isinstance(module, nn.Linear)  # noqa: E731
@@ -190,7 +179,7 @@ def model_part(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def memory_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """Peak RSS of training the MLP (a few steps) over the RSS before the model exists."""
     torch.manual_seed(0)
-    warm = nn.Sequential(Block(32, 64))  # load the code paths and their one-time buffers first
+    warm = nn.Sequential(common.Block(32, 64))  # load the code paths and their one-time buffers first
     for name in (None, "static", "bame"):
         model, opt, sp = trainee(warm, name, "1:16", lambda n, m: isinstance(m, nn.Linear))
         for t in (common.DELTA_T + 1, common.DELTA_T):
@@ -199,7 +188,7 @@ def memory_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     base_kb = _rss_kb()
     reset_peak = _peak_kb()
     torch.manual_seed(0)
-    base = nn.Sequential(*[Block(args.dim, args.hidden) for _ in range(args.depth)])
+    base = nn.Sequential(*[common.Block(args.dim, args.hidden) for _ in range(args.depth)])
     x, target = torch.randn(args.tokens, args.dim), torch.randn(args.tokens, args.dim)
     method = None if variant == "dense" else variant
     model, opt, sp = trainee(base, method, "1:16", lambda n, m: isinstance(m, nn.Linear))

@@ -39,19 +39,8 @@ from bame import native
 TARGETS = {"1:16": 2.0, "1:4": 1.3}  # required speed-up of the whole (amortised) step over dense
 
 
-class Block(nn.Module):
-    """Pre-norm MLP block: ``x + fc2(gelu(fc1(norm(x))))``."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
-
-
 def build_model(dim: int, hidden: int, depth: int) -> nn.Module:
-    return nn.Sequential(*[Block(dim, hidden) for _ in range(depth)])
+    return nn.Sequential(*[common.Block(dim, hidden) for _ in range(depth)])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -352,3 +352,14 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
             "vit": Workload("vit", "vit_tiny", {"patch_size": 4}, batch=args.batch),
         }
     return [table[name.strip()] for name in args.models.split(",") if name.strip()]
+
+
+class Block(nn.Module):
+    """Pre-norm MLP block: ``x + fc2(gelu(fc1(norm(x))))`` (the transformer-style MLP stack's block)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
