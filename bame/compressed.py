@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from bame.kernels import ops  # noqa: F401 (registers the bame:: operators the traced products call)
-from bame.kernels.compressed import compressed_conv, compressed_linear, conv_geometry
+from bame.kernels.compressed import compressed_conv, compressed_linear, conv_geometry, time_layer_step
 from bame.kernels.conv import ConvPlan, choose_conv_plan, native_conv_problem
 from bame.kernels.packed import index_dtype
 from bame.kernels.plan import Plan, choose_plan
@@ -196,7 +196,8 @@ def choose_products(storage: CompressedNM, module: nn.Module, shape: tuple[int, 
         out, in_ = storage.shape
         tokens = math.prod(shape) // in_
         with torch.enable_grad():  # the switch happens inside optimizer.step, and the timing runs backwards
-            return _agreed(choose_plan(out, in_, storage.n, storage.m, tokens, dtype, device))
+            return _agreed(choose_plan(out, in_, storage.n, storage.m, tokens, dtype, device,
+                                       layer_timer=time_layer_step))
     if native_conv_problem(torch.empty(0, dtype=dtype, device=device), module.stride) is not None:
         return None
     geo = conv_geometry(storage, torch.empty(shape, dtype=dtype, device="meta"), module.padding, module.dilation,

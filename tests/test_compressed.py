@@ -513,3 +513,36 @@ def test_direct_products_train_as_dense(method, monkeypatch):
         assert torch.equal(a.mask, b.mask)
         assert torch.allclose(a.module.weight, b.module.weight, atol=1e-4)
     assert max(abs(x - y) for x, y in zip(dense[3], comp[3], strict=True)) < 1e-4
+
+
+def test_compressed_plans_are_checked_with_the_compressed_layer_step(monkeypatch):
+    """The whole-layer check of a compressed layer's plan times the compressed step (values in, the kept
+    values' gradient out), not dense storage's (whose dense weight gradient made 1:4 plans fall back)."""
+    from bame import compressed
+    from bame.kernels import plan as planner
+    from bame.kernels.compressed import time_layer_step
+    from bame.kernels.plan import Plan
+
+    monkeypatch.setattr(planner, "_measure", lambda cands, *a: {k: 10.0 if k == "dense" else 1.0 for k in cands})
+    calls = []
+
+    def timer(result):
+        return lambda *a: calls.append(result) or result
+
+    slow = planner.choose_plan(64, 256, 1, 16, 64, layer_timer=timer({"dense": 1.0, "sparse": 100.0}), use_cache=False)
+    assert slow.is_dense and "ran at 0.01x" in slow.reason
+    fast = planner.choose_plan(64, 256, 1, 16, 64, layer_timer=timer({"dense": 100.0, "sparse": 1.0}), use_cache=False)
+    assert not fast.is_dense and len(calls) == 2
+    seen = {}
+    monkeypatch.setattr(compressed, "choose_plan", lambda *a, **k: seen.update(k) or fast)
+    model = mlp()
+    bame.sparsify(model, optimizer(model, "sgd"), "static", "2:8", total_steps=4, verbose=False,
+                  storage="compressed", kernel="sparse")
+    model(torch.randn(16, 32))
+    assert seen["layer_timer"] is time_layer_step
+    if not native.available():
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    packed = pack(torch.randn(64, 256), random_nm_mask(64, 256, 1, 16), 1, 16)
+    x, dy = torch.randn(32, 256), torch.randn(32, 64)
+    times = time_layer_step(Plan("direct", "direct", "direct"), packed, x, dy, torch.device("cpu"), 2, 0)
+    assert set(times) == {"dense", "sparse"} and min(times.values()) > 0

@@ -14,6 +14,7 @@ Which formulation computes each product is a :class:`~bame.kernels.plan.Plan` (`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,9 +34,12 @@ from bame.kernels.linear import (
     fwd_native_tiles,
     native_tiles,
 )
+from bame.kernels.packed import Packed
+from bame.kernels.plan import Plan, time_interleaved
+from bame.kernels.slots import SlotStructure
 
 __all__ = ["CompressedConvFunction", "CompressedLinearFunction", "compressed_conv", "compressed_linear",
-           "linear_backward", "linear_forward"]
+           "linear_backward", "linear_forward", "time_layer_step"]
 
 
 def _names(plan: Any) -> tuple[str, str, str]:
@@ -216,3 +220,26 @@ def compressed_conv(x: Tensor, values: Tensor, storage: Any, bias: Tensor | None
                     dilation: tuple, plan: Any = None) -> Tensor:
     """Functional form of :class:`CompressedConvFunction`."""
     return CompressedConvFunction.apply(x, values, storage, bias, stride, padding, dilation, plan)
+
+
+def time_layer_step(
+    plan: Plan, packed: Packed, x: Tensor, dy: Tensor, device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median ms of a whole layer step as compressed storage runs it (forward, input gradient and the
+    gradient of the kept values, :func:`bame.kernels.compressed.linear_forward` / ``linear_backward``):
+    ``plan`` against all-dense products on the same values."""
+    out, in_ = packed.shape
+    slots = SlotStructure((out, in_), packed.n, packed.m, packed.indices.reshape(-1, packed.n))
+    vals = packed.values.reshape(-1, packed.n)
+
+    def run(names: tuple[str, str, str]) -> Callable[[], Tensor]:
+        def step() -> Tensor:
+            _, x_nt = linear_forward(x, vals, slots, None, names, True)
+            _, dvals = linear_backward(dy, x, vals, slots, names, True, True, x_nt)
+            return dvals
+
+        return step
+
+    with torch.no_grad():
+        return time_interleaved({"dense": run(("dense",) * 3), "sparse": run((plan.fwd, plan.dx, plan.dw))},
+                                device, repeats, warmup)

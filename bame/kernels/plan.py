@@ -147,6 +147,7 @@ def choose_plan(
     warmup: int = 1,
     margin: float = 1.1,
     use_cache: bool = True,
+    layer_timer: Callable[..., dict[str, float]] | None = None,
 ) -> Plan:
     """Time every formulation of the three products on random data of this shape; keep the fastest of each.
 
@@ -162,6 +163,10 @@ def choose_plan(
         warmup: untimed runs per candidate first.
         margin: a sparse form must be this many times faster than dense to be chosen.
         use_cache: reuse / store the plan for this key.
+        layer_timer: times the whole layer step the picks are checked with, ``(plan, packed, x, dy, device,
+            repeats, warmup) -> {"dense": ms, "sparse": ms}``; default: a masked dense weight whose gradient
+            is a dense tensor (``kernel="sparse"`` with dense storage). Compressed storage passes its own
+            (the values alone: the gradient of the kept values only).
 
     Returns:
         The :class:`Plan`, with per-candidate median timings and a reason string.
@@ -169,7 +174,8 @@ def choose_plan(
     check_nm((out, in_), n, m)
     device = torch.device(device)
     tokens = tokens_bucket(batch_tokens)
-    key = (out, in_, n, m, tokens, dtype, str(device))
+    timer = _time_layer if layer_timer is None else layer_timer
+    key = (out, in_, n, m, tokens, dtype, str(device), timer.__qualname__)
     if use_cache and key in _CACHE:
         return _CACHE[key]
     packed = pack(
@@ -199,7 +205,7 @@ def choose_plan(
             reason = f"{head}: dense (the sparse products would save {1 - picked_total / dense_total:.0%} of the layer)"
             picks = dict.fromkeys(picks, "dense")
         else:
-            layer = _time_layer(Plan(**picks), packed, x, dy, device, repeats, warmup)
+            layer = timer(Plan(**picks), packed, x, dy, device, repeats, warmup)
             timings["layer"] = layer
             if layer["sparse"] * margin >= layer["dense"]:
                 reason = (f"{head}: dense (the sparse layer step, {reason.split(': ', 1)[1]}, "
