@@ -39,7 +39,7 @@ from bame.kernels.plan import Plan, time_interleaved
 from bame.kernels.slots import SlotStructure
 
 __all__ = ["CompressedConvFunction", "CompressedLinearFunction", "compressed_conv", "compressed_linear",
-           "linear_backward", "linear_forward", "time_layer_step"]
+           "conv_backward_product", "conv_forward_product", "linear_backward", "linear_forward", "time_layer_step"]
 
 
 def _names(plan: Any) -> tuple[str, str, str]:
@@ -152,6 +152,50 @@ def compressed_linear(x: Tensor, values: Tensor, storage: Any, bias: Tensor | No
     return CompressedLinearFunction.apply(x, values, storage, bias, plan)
 
 
+def _conv_geo(storage: Any, x: Tensor, conf: tuple, plan: Any) -> ConvGeometry | None:
+    """The native kernels' geometry, or None when every product of ``plan`` is dense."""
+    stride, padding, dilation = conf
+    return None if plan is None or plan.is_dense else conv_geometry(storage, x, padding, dilation, stride)
+
+
+def conv_forward_product(x: Tensor, vals: Tensor, storage: Any, bias: Tensor | None, conf: tuple,
+                         plan: Any) -> Tensor:
+    """``y``: a convolution (``conf = (stride, padding, dilation)``) of contiguous ``x`` with the compressed
+    weight holding ``vals``, native or dense on the scattered weight as ``plan`` says."""
+    geo = _conv_geo(storage, x, conf, plan)
+    if geo is not None and plan.fwd == "native":
+        y = conv_forward(x, vals, storage.indices, geo, storage.m, _terms(storage, geo))
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+    return F.conv2d(x, storage.dense(vals), bias, *conf)
+
+
+def conv_backward_product(grad_y: Tensor, x: Tensor, vals: Tensor, storage: Any, conf: tuple, plan: Any,
+                          need_dx: bool, need_dw: bool) -> tuple[Tensor | None, Tensor | None]:
+    """``(dX, d values (K, N))`` of :func:`conv_forward_product`; on the storage's update iterations
+    (``want_dense_grad``) the weight gradient is dense, handed to the storage."""
+    stride, padding, dilation = conf
+    geo = _conv_geo(storage, x, conf, plan)
+    grad_y = grad_y.to(x.dtype).contiguous()
+    bwd = vals if storage.bwd_keep is None else vals * storage.bwd_keep  # dX's operand (BAME-dagger)
+    native_dx = geo is not None and plan.dx == "native" and need_dx
+    native_dw = geo is not None and plan.dw == "native" and not storage.want_dense_grad
+    dense_mask = [need_dx and not native_dx, need_dw and not native_dw, False]
+    dx = dvals = None
+    if any(dense_mask):
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            grad_y, x, storage.dense(bwd), None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+            dense_mask)
+        if dw is not None:
+            if storage.want_dense_grad:
+                storage.stash(dw)
+            dvals = storage.gather(dw)
+    if native_dx:
+        dx = conv_dx(grad_y, bwd, storage.indices, geo, storage.m, _terms(storage, geo))
+    if native_dw and need_dw:
+        dvals = conv_dw(grad_y, x, storage.indices, geo, storage.m, _terms(storage, geo))
+    return dx, dvals
+
+
 class CompressedConvFunction(torch.autograd.Function):
     """A convolution with a compressed weight (N:M along the input channels): each product native
     (:mod:`bame.kernels.conv`, any stride) or dense on the scattered weight, as the layer's
@@ -162,47 +206,19 @@ class CompressedConvFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, values: Tensor, storage: Any, bias: Tensor | None, stride: tuple,
                 padding: tuple, dilation: tuple, plan: Any) -> Tensor:
         vals = values.detach().to(x.dtype)
-        geo = None if plan is None or plan.is_dense else conv_geometry(storage, x, padding, dilation, stride)
-        if geo is not None and plan.fwd == "native":
-            y = conv_forward(x, vals, storage.indices, geo, storage.m, _terms(storage, geo))
-            if bias is not None:
-                y = y + bias.view(1, -1, 1, 1)
-        else:
-            y = F.conv2d(x, storage.dense(vals), bias, stride, padding, dilation)
+        conf = (stride, padding, dilation)
         ctx.save_for_backward(x, vals)
-        ctx.storage, ctx.conf, ctx.has_bias, ctx.v_dtype = storage, (stride, padding, dilation), bias is not None, \
+        ctx.storage, ctx.conf, ctx.plan, ctx.has_bias, ctx.v_dtype = storage, conf, plan, bias is not None, \
             values.dtype
-        ctx.plan, ctx.geo = plan, geo
-        return y
+        return conv_forward_product(x, vals, storage, bias, conf, plan)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, vals = ctx.saved_tensors
-        storage, plan, geo = ctx.storage, ctx.plan, ctx.geo
-        stride, padding, dilation = ctx.conf
-        grad_y = grad_y.to(x.dtype).contiguous()
-        bwd = vals if storage.bwd_keep is None else vals * storage.bwd_keep  # dX's operand (BAME-dagger)
-        native_dx = geo is not None and plan.dx == "native" and ctx.needs_input_grad[0]
-        native_dw = geo is not None and plan.dw == "native" and not storage.want_dense_grad
-        dense_mask = [ctx.needs_input_grad[0] and not native_dx, ctx.needs_input_grad[1] and not native_dw, False]
-        dx = dvals = db = None
-        if any(dense_mask):
-            dx, dw, _ = torch.ops.aten.convolution_backward(
-                grad_y, x, storage.dense(bwd), None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
-                dense_mask)
-            if dw is not None:
-                if storage.want_dense_grad:
-                    storage.stash(dw)
-                dvals = storage.gather(dw)
-        if native_dx:
-            dx = conv_dx(grad_y, bwd, storage.indices, geo, storage.m, _terms(storage, geo))
-        if native_dw and ctx.needs_input_grad[1]:
-            dvals = conv_dw(grad_y, x, storage.indices, geo, storage.m, _terms(storage, geo))
-        if dvals is not None:
-            dvals = dvals.to(ctx.v_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            db = grad_y.sum(dim=(0, 2, 3))
-        return dx, dvals, None, db, None, None, None, None
+        dx, dvals = conv_backward_product(grad_y, x, vals, ctx.storage, ctx.conf, ctx.plan, ctx.needs_input_grad[0],
+                                          ctx.needs_input_grad[1])
+        db = grad_y.sum(dim=(0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return dx, (None if dvals is None else dvals.to(ctx.v_dtype)), None, db, None, None, None, None
 
 
 def _terms(storage: Any, geo: ConvGeometry) -> ConvTerms:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bame.kernels.compressed import CompressedConvFunction, linear_backward, linear_forward
+from bame.kernels.compressed import conv_backward_product, conv_forward_product, linear_backward, linear_forward
+from bame.kernels.conv import ConvPlan
 from bame.kernels.slots import SlotStructure
 
 __all__ = ["compressed_conv", "compressed_linear"]
@@ -34,6 +35,35 @@ def _slots(shape: list[int], n: int, m: int, indices: Tensor, bwd_keep: Tensor |
 def _empty(like: Tensor) -> Tensor:
     """An operator returns tensors, never None: a product that was not asked for is an empty tensor."""
     return like.new_empty(0)
+
+
+def _fake_backward(grad: Tensor, x: Tensor, values: Tensor, *config: Any) -> tuple[Tensor, Tensor]:
+    """The backward operators' fake: ``(dX, d values)`` shaped as x and the values, empty where not asked
+    (``config`` ends with ``need_dx, need_dw``)."""
+    need_dx, need_dw = config[-2:]
+    return (torch.empty_like(x) if need_dx else x.new_empty(0),
+            torch.empty_like(values) if need_dw else values.new_empty(0))
+
+
+def _setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    """Both operators' autograd context: the tensors, and the configuration after ``bwd_keep``."""
+    x, values, indices, bias, bwd_keep, *config = inputs
+    ctx.save_for_backward(x, values, indices, bwd_keep)
+    ctx.config, ctx.has_bias = config, bias is not None
+
+
+def _autograd(backward_op: Any, bias_grad: Any) -> Any:
+    """The autograd formula of an operator whose products' backward is ``backward_op`` (``bias_grad(grad)``:
+    the bias's gradient)."""
+
+    def backward(ctx: Any, grad: Tensor) -> tuple:
+        x, values, indices, bwd_keep = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx, dvals = backward_op(grad, x, values, indices, bwd_keep, *ctx.config, need_dx, need_dw)
+        db = bias_grad(grad) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return (dx if need_dx else None, dvals if need_dw else None, None, db, None) + (None,) * len(ctx.config)
+
+    return backward
 
 
 # -- Linear ------------------------------------------------------------------------------------------------
@@ -65,58 +95,18 @@ def compressed_linear_backward(grad: Tensor, x: Tensor, values: Tensor, indices:
             _empty(values) if dvals is None else dvals.to(values.dtype))
 
 
-@compressed_linear_backward.register_fake
-def _(grad, x, values, indices, bwd_keep, out_features, in_features, n, m, fwd, dx, dw, need_dx, need_dw):
-    return (torch.empty_like(x) if need_dx else x.new_empty(0),
-            torch.empty_like(values) if need_dw else values.new_empty(0))
-
-
-def _linear_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, values, indices, bias, bwd_keep, *config = inputs
-    ctx.save_for_backward(x, values, indices, bwd_keep)
-    ctx.config, ctx.has_bias = config, bias is not None
-
-
-def _linear_backward(ctx: Any, grad: Tensor) -> tuple:
-    x, values, indices, bwd_keep = ctx.saved_tensors
-    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx, dvals = torch.ops.bame.compressed_linear_backward(grad, x, values, indices, bwd_keep, *ctx.config, need_dx,
-                                                          need_dw)
-    db = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return (dx if need_dx else None, dvals if need_dw else None, None, db, None) + (None,) * len(ctx.config)
-
-
-compressed_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+compressed_linear_backward.register_fake(_fake_backward)
+compressed_linear.register_autograd(
+    _autograd(torch.ops.bame.compressed_linear_backward, lambda grad: grad.reshape(-1, grad.shape[-1]).sum(0)),
+    setup_context=_setup)
 
 
 # -- convolutions ------------------------------------------------------------------------------------------
-class _ConvCtx:
-    """What CompressedConvFunction's backward reads from its context, for a call outside autograd."""
-
-    def __init__(self, saved: tuple, storage: Any, conf: tuple, has_bias: bool, v_dtype: torch.dtype, plan: Any,
-                 geo: Any, needs: tuple[bool, ...]) -> None:
-        self.saved_tensors, self.storage, self.conf = saved, storage, conf
-        self.has_bias, self.v_dtype = has_bias, v_dtype
-        self.plan, self.geo, self.needs_input_grad = plan, geo, needs
-
-    def save_for_backward(self, *tensors: Any) -> None:
-        self.saved_tensors = tensors
-
-
-def _conv_plan(fwd: str, dx: str, dw: str) -> Any:
-    from bame.kernels.conv import ConvPlan
-
-    return None if fwd == dx == dw == "dense" else ConvPlan(fwd, dx, dw)
-
-
-def _conv_run(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | None, bwd_keep: Tensor | None,
-              shape: list[int], n: int, m: int, stride: list[int], padding: list[int], dilation: list[int], fwd: str,
-              dx: str, dw: str, needs: tuple[bool, ...]) -> tuple[Tensor, _ConvCtx]:
-    slots = _slots(shape, n, m, indices, bwd_keep)
-    ctx = _ConvCtx((), slots, (), bias is not None, values.dtype, None, None, needs)
-    y = CompressedConvFunction.forward(ctx, x.contiguous(), values, slots, bias, tuple(stride), tuple(padding),
-                                       tuple(dilation), _conv_plan(fwd, dx, dw))
-    return y, ctx
+def _conv_args(shape: list[int], n: int, m: int, indices: Tensor, bwd_keep: Tensor | None, stride: list[int],
+               padding: list[int], dilation: list[int], fwd: str, dx: str, dw: str) -> tuple:
+    """The slots, ``(stride, padding, dilation)`` and plan of one call (None: every product dense)."""
+    plan = None if fwd == dx == dw == "dense" else ConvPlan(fwd, dx, dw)
+    return _slots(shape, n, m, indices, bwd_keep), (tuple(stride), tuple(padding), tuple(dilation)), plan
 
 
 @torch.library.custom_op("bame::compressed_conv", mutates_args=())
@@ -124,9 +114,8 @@ def compressed_conv(x: Tensor, values: Tensor, indices: Tensor, bias: Tensor | N
                     shape: list[int], n: int, m: int, stride: list[int], padding: list[int], dilation: list[int],
                     fwd: str, dx: str, dw: str) -> Tensor:
     """A convolution with W compressed (see the module doc)."""
-    y, _ = _conv_run(x, values, indices, bias, bwd_keep, shape, n, m, stride, padding, dilation, fwd, dx, dw,
-                     (False, False, False, False))
-    return y
+    slots, conf, plan = _conv_args(shape, n, m, indices, bwd_keep, stride, padding, dilation, fwd, dx, dw)
+    return conv_forward_product(x.contiguous(), values.detach().to(x.dtype), slots, bias, conf, plan)
 
 
 @compressed_conv.register_fake
@@ -141,33 +130,14 @@ def compressed_conv_backward(grad: Tensor, x: Tensor, values: Tensor, indices: T
                              shape: list[int], n: int, m: int, stride: list[int], padding: list[int],
                              dilation: list[int], fwd: str, dx: str, dw: str, need_dx: bool,
                              need_dw: bool) -> tuple[Tensor, Tensor]:
-    """``(dX, d values)`` (the forward's padded planes are rebuilt: the operator keeps no state)."""
-    _, ctx = _conv_run(x, values, indices, None, bwd_keep, shape, n, m, stride, padding, dilation, fwd, dx, dw,
-                       (need_dx, need_dw, False, False))
-    dx_, dvals, *_ = CompressedConvFunction.backward(ctx, grad)
+    """``(dX, d values)``: empty tensors for the ones not asked for."""
+    slots, conf, plan = _conv_args(shape, n, m, indices, bwd_keep, stride, padding, dilation, fwd, dx, dw)
+    dx_, dvals = conv_backward_product(grad, x.contiguous(), values.detach().to(x.dtype), slots, conf, plan,
+                                       need_dx, need_dw)
     return (_empty(x) if dx_ is None else dx_.contiguous(),
             _empty(values) if dvals is None else dvals.to(values.dtype))
 
 
-@compressed_conv_backward.register_fake
-def _(grad, x, values, indices, bwd_keep, shape, n, m, stride, padding, dilation, fwd, dx, dw, need_dx, need_dw):
-    return (torch.empty_like(x) if need_dx else x.new_empty(0),
-            torch.empty_like(values) if need_dw else values.new_empty(0))
-
-
-def _conv_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, values, indices, bias, bwd_keep, *config = inputs
-    ctx.save_for_backward(x, values, indices, bwd_keep)
-    ctx.config, ctx.has_bias = config, bias is not None
-
-
-def _conv_backward(ctx: Any, grad: Tensor) -> tuple:
-    x, values, indices, bwd_keep = ctx.saved_tensors
-    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dx, dvals = torch.ops.bame.compressed_conv_backward(grad, x, values, indices, bwd_keep, *ctx.config, need_dx,
-                                                        need_dw)
-    db = grad.sum(dim=(0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return (dx if need_dx else None, dvals if need_dw else None, None, db, None) + (None,) * len(ctx.config)
-
-
-compressed_conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+compressed_conv_backward.register_fake(_fake_backward)
+compressed_conv.register_autograd(
+    _autograd(torch.ops.bame.compressed_conv_backward, lambda grad: grad.sum(dim=(0, 2, 3))), setup_context=_setup)
