@@ -58,7 +58,6 @@ MLP_TARGETS = {"1:16": {"static": 2.5, "bame": 2.3}, "1:8": {"static": 1.6, "bam
 MODEL_TARGET = 1.5  # resnet32 and vit at 1:16
 MEMORY_TARGET = 0.5
 RUN_TARGET = 0.65  # a whole bame train run, BAME 1:16 (compressed) over dense, wall time
-EVOLUTION = {"t_i": 0, "t_f": common.TOTAL_STEPS, "delta_t": common.DELTA_T}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,7 +93,7 @@ def trainee(base: nn.Module, method: str | None, nm: str, layer_filter: Any = No
                           weight_decay=common.WEIGHT_DECAY)
     if method is None:
         return model, opt, None
-    options = EVOLUTION if method == "bame" else {}
+    options = common.EVOLUTION if method == "bame" else {}
     sp = bame.sparsify(model, opt, method, nm, total_steps=common.TOTAL_STEPS, storage="compressed",
                        verbose=False, layer_filter=layer_filter, **options)
     return model, opt, sp

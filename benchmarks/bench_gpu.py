@@ -45,8 +45,7 @@ from bame.nm import backward_mask, is_nm
 SEMI_TARGET = 1.2  # DeiT-small MLP, 2:4 forward + input gradient over dense
 DEIT_TARGET = 1.05  # whole DeiT-small step, BAME-dagger 2:4 over dense
 COMPILED_TARGET = 1.03  # BAME's compiled masked-dense step over compiled dense
-STEADY = {"bame": {"t_i": 0, "t_f": 10**6, "delta_t": 100}, "lma": {"t_i": 0, "t_f": 10**6, "delta_t": 100},
-          "rigl_nm": {"t_i": 0, "t_f": 10**6, "delta_t": 100}, "bame_bi": {"t_i": 0, "t_f": 10**6, "delta_t": 100}}
+EVOLVING = ("bame", "lma", "rigl_nm", "bame_bi")  # updates in their evolution phase
 SHAPES = {"deit_small": (384, 1536), "vit_base": (768, 3072)}
 
 
@@ -117,7 +116,7 @@ def _train(base: nn.Module, method: str, amp: str, storage: str, data: list, ste
            device: torch.device) -> dict[str, Any]:
     model = copy.deepcopy(base).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    options = {"delta_t": max(1, steps // 10)} if method in STEADY else {}  # updates inside a short run
+    options = {"delta_t": max(1, steps // 10)} if method in EVOLVING else {}  # updates inside a short run
     sp = bame.sparsify(model, opt, method, "2:4", total_steps=steps, verbose=False, storage=storage,
                        steps_per_epoch=max(1, steps // 4), **options)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -200,8 +199,8 @@ def deit_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.05)
         sp = None
         if label != "dense":
-            sp = bame.sparsify(model, opt, "bame_bi", "2:4", total_steps=10**6, verbose=False, kernel="sparse",
-                               **STEADY["bame_bi"])
+            sp = bame.sparsify(model, opt, "bame_bi", "2:4", total_steps=common.TOTAL_STEPS, verbose=False,
+                               kernel="sparse", **common.EVOLUTION)
             sparsifiers.append(sp)
         cands[label] = _step(model, opt, sp, x, y, device)
     ms = time_ms(cands, args.repeats, device)
@@ -243,7 +242,8 @@ def compiled_part(args: argparse.Namespace, device: torch.device) -> dict[str, A
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         sp = None
         if label == "bame":
-            sp = bame.sparsify(model, opt, "bame", "2:4", total_steps=10**6, verbose=False, **STEADY["bame"])
+            sp = bame.sparsify(model, opt, "bame", "2:4", total_steps=common.TOTAL_STEPS, verbose=False,
+                               **common.EVOLUTION)
         cands[label] = _step(model, opt, sp, x, y, device, net=torch.compile(model))
     ms = time_ms(cands, args.repeats, device, warmup=5)
     return {"ms": ms, "ratio": ms["bame"] / ms["dense"]}

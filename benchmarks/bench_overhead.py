@@ -36,7 +36,6 @@ from bame import models
 
 TARGETS = {("eager", 128): 1.05, ("eager", 8): 1.10, ("compiled", 128): 1.03, ("compiled", 8): 1.03}
 INFERENCE_TARGET = 1.02
-BAME = {"t_i": 0, "t_f": common.TOTAL_STEPS, "delta_t": common.DELTA_T}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +72,7 @@ def trainee(base: nn.Module, sparse: bool, nm: str, backend: str | None) -> tupl
     opt = torch.optim.SGD(model.parameters(), lr=common.LR, momentum=common.MOMENTUM, weight_decay=common.WEIGHT_DECAY)
     sp = None
     if sparse:
-        sp = bame.sparsify(model, opt, "bame", nm, total_steps=common.TOTAL_STEPS, verbose=False, **BAME)
+        sp = bame.sparsify(model, opt, "bame", nm, total_steps=common.TOTAL_STEPS, verbose=False, **common.EVOLUTION)
     net = torch.compile(model, backend=backend) if backend else model
     return net, opt, sp
 
@@ -118,7 +117,8 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     # inference: a model attached to its sparsifier (BAME's masks, eval) against the same model squashed
     attached, squashed = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
     for model in (attached, squashed):  # the same weights, so the same masks
-        sp = bame.sparsify(model, None, "bame", args.nm, total_steps=common.TOTAL_STEPS, verbose=False, **BAME)
+        sp = bame.sparsify(model, None, "bame", args.nm, total_steps=common.TOTAL_STEPS, verbose=False,
+                           **common.EVOLUTION)
         sp.step_count = common.DELTA_T + 1
         sp.prepare(sp.step_count)
     sp.squash()  # the second one

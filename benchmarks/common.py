@@ -61,7 +61,8 @@ class Harness:
     note: str = ""
 
 
-_EVOLUTION = {"t_i": 0, "t_f": TOTAL_STEPS, "delta_t": DELTA_T}
+#: The BAME family timed in its evolution phase: every timed index inside [t_i, t_f).
+EVOLUTION = {"t_i": 0, "t_f": TOTAL_STEPS, "delta_t": DELTA_T}
 _EVOLUTION_NOTE = (
     "t % delta_t == 0 in [t_i, t_f): the dense G of the iteration feeds the mask update in the step pre-hook"
 )
@@ -72,10 +73,10 @@ HARNESS: dict[str, Harness] = {
     "static": Harness(),
     "asp": Harness({"prune_at": 0}, note="pruned once at t=0; timed in the fine-tuning phase"),
     "sr_ste": Harness(note="recomputes top-N |W| before every iteration: that is its ordinary cost"),
-    "rigl_nm": Harness(dict(_EVOLUTION), update_t=DELTA_T, note=_EVOLUTION_NOTE),
-    "lma": Harness(dict(_EVOLUTION), update_t=DELTA_T, note=_EVOLUTION_NOTE),
-    "bame": Harness(dict(_EVOLUTION), update_t=DELTA_T, note=_EVOLUTION_NOTE),
-    "bame_bi": Harness(dict(_EVOLUTION), update_t=DELTA_T, note=_EVOLUTION_NOTE),
+    "rigl_nm": Harness(dict(EVOLUTION), update_t=DELTA_T, note=_EVOLUTION_NOTE),
+    "lma": Harness(dict(EVOLUTION), update_t=DELTA_T, note=_EVOLUTION_NOTE),
+    "bame": Harness(dict(EVOLUTION), update_t=DELTA_T, note=_EVOLUTION_NOTE),
+    "bame_bi": Harness(dict(EVOLUTION), update_t=DELTA_T, note=_EVOLUTION_NOTE),
     # The search for iteration t runs in prepare(t), i.e. in the step post-hook of iteration t - 1.
     "bi_mask": Harness({"perm_interval": DELTA_T}, update_t=DELTA_T - 1,
                        note="permutation search for t % perm_interval == 0 runs in the post-hook of t - 1"),
