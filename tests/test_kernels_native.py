@@ -63,14 +63,20 @@ def test_products_match_dense(nm: tuple[int, int], tokens: int, padded: bool) ->
     w, mask, p, x, dy = case(24, 8 * m, n, m, tokens, padded, seed=tokens)
     if padded:
         assert p.slot_mask is not None
+    assert_products_match(w, mask, p, x, dy, fwd_native, dx_native, dw_native)
+
+
+def assert_products_match(w, mask, p, x, dy, fwd, dx, dw) -> None:
+    """Forward, input gradient and weight gradient against the masked-dense references; padding slots get
+    no gradient."""
     wm = w * mask
-    assert_close(fwd_native(x, p), F.linear(x, wm))
-    assert_close(dx_native(dy, p), dy @ wm)
-    grad = dw_native(dy, x, p)
+    assert_close(fwd(x, p), F.linear(x, wm))
+    assert_close(dx(dy, p), dy @ wm)
+    grad = dw(dy, x, p)
     assert grad.shape == p.indices.shape
     assert_close(scatter_values(grad, p), (dy.t() @ x) * mask)
     if p.slot_mask is not None:
-        assert bool((grad[~p.slot_mask] == 0).all())  # padding slots get no gradient
+        assert bool((grad[~p.slot_mask] == 0).all())
 
 
 @needs_cc
@@ -172,14 +178,7 @@ def direct_cases(draw: st.DrawFn) -> tuple[int, int, int, int, int, bool, int]:
 def check_direct(out: int, in_: int, n: int, m: int, tokens: int, padded: bool, seed: int) -> None:
     """The three direct products against the masked-dense references (padding slots: no gradient)."""
     w, mask, p, x, dy = case(out, in_, n, m, tokens, padded and n < m, seed=seed)
-    wm = w * mask
-    assert_close(fwd_direct(x, p), F.linear(x, wm))
-    assert_close(dx_direct(dy, p), dy @ wm)
-    grad = dw_direct(dy, x, p)
-    assert grad.shape == p.indices.shape
-    assert_close(scatter_values(grad, p), (dy.t() @ x) * mask)
-    if p.slot_mask is not None:
-        assert bool((grad[~p.slot_mask] == 0).all())
+    assert_products_match(w, mask, p, x, dy, fwd_direct, dx_direct, dw_direct)
 
 
 @needs_cc
