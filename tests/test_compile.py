@@ -34,6 +34,22 @@ def vit() -> nn.Module:
     return models.create("vit_tiny", num_classes=10, image_size=8, patch_size=4, depth=1)
 
 
+def fresh_steps(net: nn.Module, opt: torch.optim.Optimizer) -> list[float]:
+    """STEPS steps of ``net`` on seeded random batches, dynamo's caches and counters reset first; the losses."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    losses = []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def train(model: nn.Module, method: str, storage: str, compile_as: str | None) -> tuple[list[float], int]:
     """Losses of STEPS steps, and the number of dynamo frames compiled (graphs + recompilations)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -46,17 +62,7 @@ def train(model: nn.Module, method: str, storage: str, compile_as: str | None) -
         target = torch.compile(model, backend="aot_eager")
     elif compile_as == "method":
         model.compile(backend="aot_eager")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    losses = []
-    g = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
-        loss = F.cross_entropy(target(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fresh_steps(target, opt)
     assert all(not name.startswith("_orig_mod") for name in sp.masks())
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     return losses, frames
@@ -198,16 +204,7 @@ def test_every_method_compiles_without_graph_breaks_or_recompiles(method):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     bame.sparsify(model, opt, method, "1:4", total_steps=STEPS * 2, verbose=False, steps_per_epoch=3,
                   **EVERY.get(method, {}))
-    net = torch.compile(model, backend="aot_eager")
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    g = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fresh_steps(torch.compile(model, backend="aot_eager"), opt)
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] <= (2 if method == "maxq" else 1)
     assert not counters["graph_break"]
