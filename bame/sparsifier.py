@@ -31,6 +31,7 @@ from bame import compressed, masking
 from bame.contract import Method, Step
 from bame.errors import CheckpointError, ConfigError
 from bame.flops import Charge
+from bame.kernels.slots import SlotStructure
 from bame.nm import backward_mask, block_flips, blocking_problem, format_nm, from_blocks, to_blocks
 from bame.policy import LayerFilter, select_layers
 
@@ -68,6 +69,7 @@ class SparseLayer:
         self.state_names: list[str] = []
         self.bwd_note: str | None = None  # why a wanted backward mask is not used on this layer
         self.kernel_note: str | None = None  # which products run sparse kernels (kernel="sparse")
+        self.storage_note: str | None = None  # why the layer stays in dense storage under storage="compressed"
         # Statistics of recorded selections (updates, flips), see Sparsifier.commit. Flips of per-iteration
         # re-selections stay on the device until read (``flips``).
         self.updates = 0
@@ -113,8 +115,9 @@ class SparseLayer:
 
     @torch.no_grad()
     def compress(self, optimizer: torch.optim.Optimizer | None, indices: torch.Tensor | None = None,
-                 plan_kernels: bool = False) -> None:
-        """Switch to compressed storage (pruned weights must be zero); the layer's state moves along."""
+                 plan_kernels: bool = False, plan: Any = None) -> None:
+        """Switch to compressed storage (pruned weights must be zero); the layer's state moves along. With
+        ``plan_kernels``, ``plan`` (else the one :meth:`planned_products` chooses) computes its products."""
         states = {name: self.state(name) for name in (*self.state_names, "flips")}
         backward = self.has_bwd_mask
         self.par = compressed.compress(self.module, self.mask, self.n, self.m, optimizer, indices, plan_kernels)
@@ -122,8 +125,39 @@ class SparseLayer:
             self.par.register_buffer(name, tensor, persistent=False)
         if backward:  # BAME-dagger: the backward mask becomes a subset of the slots
             self.par.bwd_keep = torch.zeros(self.par.indices.shape, dtype=torch.bool, device=self.mask.device)
-        if plan_kernels and self.input_seen is not None:  # planned now, so that a checkpoint holds the plan
-            self.par.plan = compressed.choose_products(self.par, self.module, *self.input_seen)
+        if plan_kernels:  # planned now (for the training input seen), so that a checkpoint holds the plan
+            self.par.plan = self.planned_products() if plan is None else plan
+        self.stop_watching()
+
+    def planned_products(self) -> Any:
+        """The plan of this layer's compressed products for the largest training input seen (None: no input
+        seen yet, or only dense products can run): :func:`bame.compressed.choose_products`."""
+        if self.input_seen is None:
+            return None
+        slots = SlotStructure(self.shape, self.n, self.m, None)
+        return compressed.choose_products(slots, self.module, *self.input_seen)
+
+    def keep_dense(self, plan: Any) -> None:
+        """Stay in dense storage (masked) under ``storage="compressed"``: every product of the layer is faster
+        dense, and at this density a scatter and a gather cost more than the optimizer work saved."""
+        self.storage_note = f"dense storage: every product is faster dense ({plan.reason})"
+        self.stop_watching()
+
+    @torch.no_grad()
+    def uncompress(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Back to dense storage (the inverse of :meth:`compress`): the weight and its optimizer state
+        scattered, the layer's state moved to a dense-mode parametrization."""
+        storage = self.compressed
+        states = {name: self.state(name) for name in (*self.state_names, "flips")}
+        mask = compressed.decompress(self.module, optimizer)
+        self.par = masking.NMMask(mask.to(self.weight.device))
+        for name, tensor in states.items():
+            self.par.register_buffer(name, tensor, persistent=False)
+        if storage.bwd_keep is not None:  # recomputed from the weights by the sparsifier's refresh
+            self.par.set_bwd_mask(mask)
+        self.module.parametrizations.weight[0] = self.par
+
+    def stop_watching(self) -> None:
         if self._watch is not None:
             self._watch.remove()
             self._watch = None
@@ -232,6 +266,7 @@ class Sparsifier:
         self._hooks: list[Any] = []
         self._squashed = False
         self._plan_cache: tuple[int, Step] | None = None
+        self._switched = False
         self._select(include, exclude, layer_filter)
         if optimizer is not None:
             self.bind(optimizer)
@@ -286,14 +321,33 @@ class Sparsifier:
 
     @property
     def switched(self) -> bool:
-        """Whether the layers are stored compressed now."""
-        return bool(self.layers) and self.layers[0].compressed is not None
+        """Whether the switch to compressed storage happened (every layer is compressed then, except those
+        whose products are all faster dense: :func:`bame.compressed.dense_is_faster`)."""
+        return self._switched
 
     def _switch(self) -> None:
-        """Store every sparse layer compressed (their pruned weights are zero now, the masks final)."""
+        """Store the sparse layers compressed (their pruned weights are zero now, the masks final)."""
+        plan_kernels = self.kernel == "sparse"
         for layer in self.layers:
-            layer.compress(self.optimizer, plan_kernels=self.kernel == "sparse")
+            plan = layer.planned_products() if plan_kernels else None
+            if compressed.dense_is_faster(plan, self.n, self.m):
+                layer.keep_dense(plan)
+            else:
+                layer.compress(self.optimizer, plan_kernels=plan_kernels, plan=plan)
+        self._switched = True
         self._parameters_changed()
+
+    def _settle_storage(self) -> None:
+        """Layers switched before any training input was seen (static, t_i = 0) chose their plan at their first
+        forward: those whose products are all faster dense go back to dense storage, at a step boundary."""
+        back = [layer for layer in self.layers if layer.compressed is not None
+                and compressed.dense_is_faster(layer.compressed.plan, self.n, self.m)]
+        for layer in back:
+            plan = layer.compressed.plan
+            layer.uncompress(self.optimizer)
+            layer.keep_dense(plan)
+        if back:
+            self._parameters_changed()
 
     def _index_groups(self) -> None:
         """Which param group holds each sparse weight, by group *index* (``optimizer.load_state_dict``
@@ -370,6 +424,8 @@ class Sparsifier:
                 self._record(t, layer, step.record, flips)
         if self.storage == "compressed" and not self.switched and step.zeroed and step.keep == self.n:
             self._switch()
+        elif self.switched:
+            self._settle_storage()
         for layer in self.layers:
             self._refresh(t, layer, step)
         if step.select and step.record == "every":
@@ -586,7 +642,7 @@ class Sparsifier:
                              "density": 1.0, "reason": self.dense_layers[name]})
                 continue
             stats, storage = layer.stats, layer.compressed
-            kernel = storage.note() if storage is not None else layer.kernel_note
+            kernel = storage.note() if storage is not None else layer.storage_note or layer.kernel_note
             rows.append({
                 "name": name, "shape": list(layer.shape), "sparse": True, "nm": format_nm(self.n, self.m),
                 "group_axis": self.group_axis, "density": round(layer.density(), 6),
@@ -624,6 +680,8 @@ class Sparsifier:
             if layer.compressed is not None:  # the slot order, for a bit-exact resume of the optimizer state
                 entry["indices"] = layer.compressed.indices.detach().cpu().clone()
                 entry["plan"] = compressed.plan_state(layer.compressed.plan)  # the same products after a resume
+            elif layer.storage_note is not None:
+                entry["storage_note"] = layer.storage_note
             for name in layer.state_names:
                 entry[name] = layer.state(name).detach().cpu().clone()
             layers[layer.name] = entry
@@ -641,14 +699,19 @@ class Sparsifier:
         if self.switched and not switched:
             raise CheckpointError("the sparsifier state was saved before its layers were stored compressed, and "
                                   "these are compressed from the start: it is not from this run")
+        changed = False
         for layer in self.layers:
             entry = state["layers"][layer.name]
+            if layer.compressed is not None and "indices" not in entry:  # saved in dense storage (faster dense)
+                layer.uncompress(self.optimizer)
+                changed = True
             storage = layer.compressed
             if storage is not None:  # compressed from the start (static, t_i = 0): the saved slots
                 storage.indices.copy_(entry["indices"].to(storage.indices.device))
                 storage.load_pending(layer.weight)
             else:
                 layer.mask.copy_(entry["mask"].to(layer.mask.device))
+            layer.storage_note = entry.get("storage_note")
             for name in layer.state_names:
                 if name not in entry:
                     raise CheckpointError(f"sparsifier state has no {name!r} for {layer.name}")
@@ -661,10 +724,16 @@ class Sparsifier:
                                             stats.get("window_flips", 0)]))
         self.step_count = int(state["step"])
         self.method.load_state_dict(state.get("method_state", {}))
-        if switched and not self.switched:  # the model's weights are dense: gather them into the saved slots
+        if switched:  # the model's weights are dense: gather them into the saved slots
             for layer in self.layers:
-                layer.compress(self.optimizer, state["layers"][layer.name]["indices"].to(layer.mask.device),
-                               plan_kernels=self.kernel == "sparse")
+                entry = state["layers"][layer.name]
+                if layer.compressed is None and "indices" in entry:
+                    layer.compress(self.optimizer, entry["indices"].to(layer.mask.device),
+                                   plan_kernels=self.kernel == "sparse", plan=compressed.load_plan(entry.get("plan")))
+                    changed = True
+                layer.stop_watching()
+            self._switched = True
+        if changed:
             self._parameters_changed()
         for layer in self.layers:
             if layer.compressed is not None and "plan" in state["layers"][layer.name]:
@@ -710,11 +779,7 @@ class Sparsifier:
         self.remove_hooks()
         for layer in self.layers:
             if layer.compressed is not None:  # back to a dense weight (and dense optimizer state) first
-                mask = compressed.decompress(layer.module, self.optimizer)
-                flips = layer.flips
-                layer.par = masking.NMMask(mask.to(layer.weight.device))
-                layer.par.register_buffer("flips", flips, persistent=False)
-                layer.module.parametrizations.weight[0] = layer.par
+                layer.uncompress(self.optimizer)
             masking.detach(layer.module, bake=True)
         self._squashed = True
         return self.model

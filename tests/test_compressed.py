@@ -546,3 +546,82 @@ def test_compressed_plans_are_checked_with_the_compressed_layer_step(monkeypatch
     x, dy = torch.randn(32, 256), torch.randn(32, 64)
     times = time_layer_step(Plan("direct", "direct", "direct"), packed, x, dy, torch.device("cpu"), 2, 0)
     assert set(times) == {"dense", "sparse"} and min(times.values()) > 0
+
+
+# ------------------------------------------------------------------ layers whose products are all faster dense
+def _dense_first_layer(monkeypatch) -> list[tuple]:
+    """Plans as the timing would choose them on a machine where the first layer (32 -> 64) computes every
+    product faster dense, and the others get no plan (dense products on the scattered values)."""
+    from bame import compressed
+    from bame.kernels.plan import Plan
+
+    asked = []
+
+    def choose(storage, module, shape, dtype, device):
+        asked.append(tuple(storage.shape))
+        return Plan(reason="test: dense is faster") if tuple(storage.shape) == (64, 32) else None
+
+    monkeypatch.setattr(compressed, "choose_products", choose)
+    return asked
+
+
+def test_dense_is_faster_only_for_an_all_dense_plan_at_density_one_half_or_more():
+    from bame.compressed import dense_is_faster
+    from bame.kernels.plan import Plan
+
+    assert dense_is_faster(Plan(), 2, 4) and dense_is_faster(Plan(), 4, 8) and dense_is_faster(Plan(), 1, 2)
+    assert not dense_is_faster(Plan(), 1, 4) and not dense_is_faster(Plan(), 2, 8) and not dense_is_faster(None, 2, 4)
+    assert not dense_is_faster(Plan(fwd="embag"), 2, 4) and not dense_is_faster(Plan(dw="direct"), 2, 4)
+
+
+@pytest.mark.parametrize("method", ["bame", "static"])
+def test_a_layer_faster_dense_stays_in_dense_storage_and_trains_as_dense(method, monkeypatch):
+    """2:4, the first layer's plan all dense: BAME leaves it in dense storage at the switch, static (switched
+    before any input) moves it back after its first forward chose the plan; the run equals dense storage's and
+    resumes with the same storage per layer."""
+    asked = _dense_first_layer(monkeypatch)
+    steps, options = 30, ({"delta_t": 5} if method == "bame" else {})
+
+    def train(storage: str, stop: int = steps, state: tuple | None = None):
+        model = mlp()
+        opt = optimizer(model, "sgd")
+        sp = bame.sparsify(model, opt, method, "2:4", total_steps=steps, verbose=False, storage=storage,
+                           kernel="sparse" if storage == "compressed" else "dense", **options)
+        if state is not None:
+            model.load_state_dict(state[0])
+            sp.load_state_dict(state[2])
+            opt.load_state_dict(state[1])
+        losses = []
+        for t in range(sp.step_count, stop):
+            x, y = batch("mlp", t)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return model, opt, sp, losses
+
+    dense, comp = train("dense"), train("compressed")
+    assert asked and set(asked) <= {(64, 32), (32, 64)}
+    report = {row["name"]: row for row in comp[2].layer_report() if row["sparse"]}
+    assert report["0.weight"]["storage"] == "dense"
+    assert report["0.weight"]["kernel"] == "dense storage: every product is faster dense (test: dense is faster)"
+    assert report["2.weight"]["storage"] == "compressed"
+    first = comp[2].layers[0]
+    assert first.compressed is None and first.weight.shape == (64, 32)
+    held = {id(p) for group in comp[1].param_groups for p in group["params"]}
+    assert id(first.weight) in held and id(comp[2].layers[1].weight) in held
+    assert comp[1].state[first.weight]["momentum_buffer"].shape == (64, 32)
+    for a, b in zip(dense[2].layers, comp[2].layers, strict=True):
+        assert torch.equal(a.mask, b.mask), a.name
+        assert torch.allclose(a.module.weight, b.module.weight, atol=1e-5), a.name
+    assert max(abs(x - y) for x, y in zip(dense[3], comp[3], strict=True)) < 1e-4
+    # a checkpoint keeps each layer's storage: the resumed run is the uninterrupted one, bit for bit
+    half = train("compressed", stop=steps // 2)
+    state = copy.deepcopy((half[0].state_dict(), half[1].state_dict(), half[2].state_dict()))
+    assert "indices" not in state[2]["layers"]["0.weight"] and "indices" in state[2]["layers"]["2.weight"]
+    resumed = train("compressed", state=state)
+    assert resumed[2].layers[0].compressed is None and resumed[2].layers[1].compressed is not None
+    assert resumed[3] == comp[3][steps // 2:]
+    for a, b in zip(comp[2].layers, resumed[2].layers, strict=True):
+        assert torch.equal(a.weight, b.weight), a.name

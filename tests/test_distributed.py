@@ -101,8 +101,9 @@ def _engine(out: Path, rank: int) -> None:
 
 
 def _compressed(out: Path, rank: int) -> None:
-    """Compressed storage from t_i on, with the timed sparse-kernel plans (rank 0's, on every rank)."""
-    _fit_and_keep(out, rank, "compressed", {"storage": "compressed"})
+    """Compressed storage from t_i on, with the timed sparse-kernel plans (rank 0's, on every rank); at 1:4,
+    where every layer is stored compressed whatever its plan."""
+    _fit_and_keep(out, rank, "compressed", {"storage": "compressed", "nm": "1:4"})
 
 
 def _perturb(out: Path, rank: int) -> None:
