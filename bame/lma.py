@@ -80,11 +80,19 @@ def regrowth(
     """
     m = weight_blocks.shape[-1]
     mask_blocks = mask_blocks.bool()
-    s = scores(weight_blocks, grad_blocks, mask_blocks, lr)  # (K, M)
     if not 0 < n < m:
         return {"regrow_share": 0.0, "regrow_ratio": 0.0}
-    best_pruned = torch.where(mask_blocks, -math.inf, s).amax(dim=-1)  # (K,)
-    weakest_kept = torch.where(mask_blocks, s, math.inf).amin(dim=-1)  # (K,)
-    ratio = best_pruned / weakest_kept.clamp_min(torch.finfo(s.dtype).tiny)
+    if native.ready(weight_blocks, grad_blocks, masks=(mask_blocks,), m=m):  # one pass, no (K, M) temporaries
+        best_pruned, weakest_kept = native.lma_regrowth(weight_blocks, grad_blocks, mask_blocks, lr)
+    else:
+        s = scores(weight_blocks, grad_blocks, mask_blocks, lr)  # (K, M)
+        best_pruned = torch.where(mask_blocks, -math.inf, s).amax(dim=-1)  # (K,)
+        weakest_kept = torch.where(mask_blocks, s, math.inf).amin(dim=-1)  # (K,)
+    ratio = best_pruned / weakest_kept.clamp_min(torch.finfo(weight_blocks.dtype).tiny)
+    lower_median = (ratio.numel() - 1) // 2  # torch.median's
+    if native.ready(ratio) and not bool(torch.isnan(ratio).any()):  # a radix select, not a sort
+        median = native.kth_smallest(ratio, lower_median)
+    else:
+        median = float(ratio.median())
     return {"regrow_share": round(float((best_pruned > weakest_kept).float().mean()), 4),
-            "regrow_ratio": float(f"{float(ratio.median()):.4g}")}
+            "regrow_ratio": float(f"{median:.4g}")}

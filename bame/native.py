@@ -65,7 +65,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("csrc") / "nm_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
-ABI_VERSION = 9  # must match nm_abi_version() in the C source
+ABI_VERSION = 10  # must match nm_abi_version() in the C source
 #: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
 MIN_PARALLEL_WORK = 1 << 18
 #: Elements from which a mask-upkeep call (top-N, flip counts, LMA, OBF ranks) beats PyTorch's ops: below
@@ -141,6 +141,7 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.nm_block_flips_u8.argtypes = [p, p, i64, p, i64, i64]
     lib.nm_lma_propose_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, i64, i64]
     lib.nm_kth_smallest_f32.argtypes = [p, i64, i64]
+    lib.nm_lma_regrowth_f32.argtypes = [p, p, p, ctypes.c_float, i64, p, p, i64, i64]
     lib.nm_srste_decay_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64]
     lib.nm_bag_chunked_f32.argtypes = [p, i64, i64, i64, p, p, i64, p, p, p, i64, i64, p, i64, i64]
     lib.nm_conv_bags_f32.argtypes = [p, p, p, p, p, p, i64, p, p]
@@ -159,8 +160,9 @@ def _open(path: Path) -> ctypes.CDLL:
         fn.restype = ctypes.c_int64
     lib.nm_kth_smallest_f32.restype = ctypes.c_float
     for fn in (lib.nm_srste_decay_f32, lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8,
-               lib.nm_lma_propose_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32, lib.nm_to_tiles_f32,
-               lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32, lib.nm_bag_chunked_f32, lib.nm_sum_rows_f32):
+               lib.nm_lma_propose_f32, lib.nm_lma_regrowth_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32,
+               lib.nm_to_tiles_f32, lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32, lib.nm_bag_chunked_f32,
+               lib.nm_sum_rows_f32):
         fn.restype = None
     return lib
 
@@ -770,6 +772,27 @@ def lma_propose(weight: Tensor, grad: Tensor, old: Tensor, n: int, lr: float, th
     if k > 0:
         _even_split(run, k, weight.numel() * m // 2, threads)
     return out
+
+
+def lma_regrowth(weight: Tensor, grad: Tensor, old: Tensor, lr: float,
+                 threads: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per block of contiguous float32 ``(K, M)`` weight and gradient blocks and a bool ``(K, M)`` old mask: the
+    best pruned score ``lr * G**2`` (-inf where none) and the weakest kept score ``|G * W|`` (+inf where none),
+    as :func:`bame.lma.regrowth` computes them from :func:`bame.lma.scores` (a NaN score makes its block's NaN)."""
+    lib = _require()
+    _f32(weight, grad)
+    k, m = weight.shape
+    if grad.shape != (k, m) or old.shape != (k, m) or old.dtype != torch.bool or not old.is_contiguous():
+        raise ValueError("native lma_regrowth needs (K, M) weight, gradient and bool mask blocks")
+    best, weakest = torch.empty(k), torch.empty(k)
+    args = (weight.data_ptr(), grad.data_ptr(), old.data_ptr(), float(lr), m, best.data_ptr(), weakest.data_ptr())
+
+    def run(g0: int, g1: int) -> None:
+        lib.nm_lma_regrowth_f32(*args, g0, g1)
+
+    if k > 0:
+        _even_split(run, k, weight.numel(), threads)
+    return best, weakest
 
 
 def kth_smallest(values: Tensor, k: int) -> float:

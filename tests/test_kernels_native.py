@@ -3,6 +3,7 @@ plan, and the fallbacks (no compiler, a corrupt cached library, ``BAME_NATIVE=0`
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shlex
@@ -406,6 +407,42 @@ def test_native_lma_proposal_equals_scores_then_top_n(nm: tuple[int, int]) -> No
         assert torch.equal(native.lma_propose(w, grad, old, n, lr), reference)
         assert torch.equal(native.lma_propose(w, grad, old, n, lr, threads=3), reference)
         assert torch.equal(lma.propose(w, grad, old, n, lr), reference)  # the dispatch
+
+
+@needs_cc
+@pytest.mark.parametrize("nm", [(1, 4), (2, 4), (1, 16), (3, 8)])
+def test_native_lma_regrowth_statistics_equal_the_scores_reference(nm: tuple[int, int], monkeypatch) -> None:
+    """The native per-block best pruned / weakest kept scores, and the statistics built on them, equal the
+    ones from :func:`bame.lma.scores` (the torch path: weight-sized temporaries and torch's median)."""
+    from bame import lma
+
+    n, m = nm
+    g = torch.Generator().manual_seed(7 * m + n)
+    k = 40_000 // m + 5
+    w, grad = torch.randn(k, m, generator=g), torch.randn(k, m, generator=g)
+    old = torch.argsort(torch.rand(k, m, generator=g), dim=-1) < n  # N kept per block
+    w[~old] = 0.0
+    grad[:20] = 0.0  # zero scores: a ratio of 0
+    grad[20:30] = 1.0
+    w[20:30] = 0.1 * old[20:30]  # ties: kept |G W| = pruned lr G^2 = 0.1
+    for lr in (0.1, 3e-4):
+        s = lma.scores(w, grad, old, lr)
+        best, weakest = native.lma_regrowth(w, grad, old, lr)
+        assert torch.equal(best, torch.where(old, -math.inf, s).amax(dim=-1))
+        assert torch.equal(weakest, torch.where(old, s, math.inf).amin(dim=-1))
+        assert torch.equal(native.lma_regrowth(w, grad, old, lr, threads=3)[0], best)
+        fast = lma.regrowth(w, grad, old, n, lr)
+        with monkeypatch.context() as patch:
+            patch.setattr(native, "ready", lambda *a, **kw: False)
+            assert lma.regrowth(w, grad, old, n, lr) == fast
+    grad[30, 0] = grad[31, -1] = float("nan")  # a NaN score makes its block's statistics NaN, as torch's do
+    grad[32, :] = float("inf")
+    s = lma.scores(w, grad, old, 0.1)
+    best, weakest = native.lma_regrowth(w, grad, old, 0.1)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(best, torch.where(old, -math.inf, s).amax(dim=-1), **exact)
+    torch.testing.assert_close(weakest, torch.where(old, s, math.inf).amin(dim=-1), **exact)
+    assert best[30:32].isnan().any() or weakest[30:32].isnan().any()
 
 
 @needs_cc

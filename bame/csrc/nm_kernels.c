@@ -20,7 +20,7 @@
 #include <string.h>
 
 /* Version of the C interface; native.py checks it after loading a library. */
-int64_t nm_abi_version(void) { return 9; }
+int64_t nm_abi_version(void) { return 10; }
 
 /* The largest token tile (floats): the accumulators of one bag tile stay in registers. */
 #define MAX_TW 64
@@ -440,6 +440,46 @@ void nm_lma_propose_f32(const float *restrict w, const float *restrict g, const 
         nm_topn_tile(key, def, M, tile);
         for (int64_t t = 0; t < tile; ++t)
             for (int64_t i = 0; i < M; ++i) out[(c + t) * M + i] = def[i][t] < n;
+    }
+}
+
+/*
+ * LMA's regrowth statistics (bame.lma.regrowth) over blocks [g0, g1) of M consecutive weights: per block, the
+ * best score of an entry the old mask prunes, (G*G)*lr, and the weakest score of a kept one, |G*W| (the float
+ * operations of bame.lma.scores), -inf / +inf where a block has none, NaN where a score is NaN (as torch's
+ * amax / amin). One pass, nothing weight-sized written.
+ */
+static inline __attribute__((always_inline)) void nm_lma_regrowth_blocks(
+        const float *restrict w, const float *restrict g, const uint8_t *restrict old, float lr, int64_t M,
+        float *restrict best, float *restrict weakest, int64_t g0, int64_t g1) {
+    for (int64_t k = g0; k < g1; ++k) {
+        float b = -INFINITY, s = INFINITY;
+        int nan_kept = 0, nan_pruned = 0;
+        for (int64_t i = 0; i < M; ++i) {
+            const int64_t q = k * M + i;
+            const float gv = g[q];
+            if (old[q]) {
+                const float v = fabsf(gv * w[q]);
+                nan_kept |= v != v;
+                s = v < s ? v : s;
+            } else {
+                const float v = (gv * gv) * lr;
+                nan_pruned |= v != v;
+                b = v > b ? v : b;
+            }
+        }
+        best[k] = nan_pruned ? NAN : b;
+        weakest[k] = nan_kept ? NAN : s;
+    }
+}
+
+void nm_lma_regrowth_f32(const float *restrict w, const float *restrict g, const uint8_t *restrict old, float lr,
+                         int64_t M, float *restrict best, float *restrict weakest, int64_t g0, int64_t g1) {
+    switch (M) { /* a constant block size per case: the inner loop unrolls */
+        case 4: nm_lma_regrowth_blocks(w, g, old, lr, 4, best, weakest, g0, g1); return;
+        case 8: nm_lma_regrowth_blocks(w, g, old, lr, 8, best, weakest, g0, g1); return;
+        case 16: nm_lma_regrowth_blocks(w, g, old, lr, 16, best, weakest, g0, g1); return;
+        default: nm_lma_regrowth_blocks(w, g, old, lr, M, best, weakest, g0, g1);
     }
 }
 
