@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import parametrize
 
 import bame
 from bame.errors import CheckpointError, ConfigError
@@ -406,3 +407,45 @@ def test_float_mask_copy_follows_every_in_place_change():
     layer.par.mask[0].zero_()
     assert not layer.par.mask_as(layer.weight)[0].any()
     assert layer.par.mask_as(layer.weight.double()).dtype == torch.float64
+
+
+class _Doubled(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("method", ["static", "bame"])
+def test_the_eager_product_of_a_sparse_layer_equals_the_parametrized_one(method, monkeypatch):
+    """Eager Linear and convolution layers compute their effective weight and product without going through
+    ``module.weight`` (parametrize's property): the same outputs and gradients, bit for bit, in training and
+    inference; a subclass with its own forward keeps it."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 8), nn.Conv1d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), _Doubled(16, 8)]
+    inputs = [torch.randn(5, 16), torch.randn(2, 8, 7), torch.randn(2, 8, 6, 6), torch.randn(5, 16)]
+    model = nn.ModuleList(layers)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = bame.sparsify(model, opt, method, "2:4", total_steps=10, verbose=False, layer_filter=lambda n, m: True,
+                       **({"delta_t": 2} if method == "bame" else {}))
+    assert len(sp.layers) == 4 and layers[3]._bame_product is None and layers[0]._bame_product is not None
+    reads = []  # module.weight reads through parametrize
+    listed = parametrize.ParametrizationList.forward
+    monkeypatch.setattr(parametrize.ParametrizationList, "forward", lambda self: reads.append(1) or listed(self))
+    for layer, x in zip(layers, inputs, strict=True):
+        reads.clear()
+        layer(x)
+        assert len(reads) == (1 if layer is layers[3] else 0)
+    for layer, x, sparse in zip(layers, inputs, sp.layers, strict=True):
+        for pruned in (False, True):  # W * B (the gradual phase) and W itself (pruned weights zero)
+            layer.parametrizations.weight[0].weights_pruned = pruned
+            if pruned:
+                sparse.weight.data.mul_(sparse.mask)
+            got = layer(x)
+            want = layer._bame_base.forward(layer, x)  # through module.weight
+            assert torch.equal(got, want)
+            (g_got,) = torch.autograd.grad(got.square().sum(), sparse.weight)
+            (g_want,) = torch.autograd.grad(want.square().sum(), sparse.weight)
+            assert torch.equal(g_got, g_want)
+            with torch.no_grad():
+                assert torch.equal(layer(x), want)
+    y = layers[3](inputs[3])
+    assert torch.equal(y, 2 * torch.nn.functional.linear(inputs[3], layers[3].weight, layers[3].bias))
