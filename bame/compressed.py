@@ -15,7 +15,11 @@ static from the start; ASP from its prune), every sparse layer is *switched* (:f
 A mask update is slot-stable (:func:`update_slots`): a block that drops position p and grows q writes q
 into p's slot and zeroes the slot's value and every optimizer-state entry, so no shape ever changes and the
 optimizer, DDP and checkpoints stay valid. The dense gradient LMA scores on an update iteration comes from
-one dense weight-gradient product of that iteration (``want_dense_grad``), handed to the storage.
+one dense weight-gradient product of that iteration (``want_dense_grad``), handed to the storage. Where the
+method reads G only at the kept entries and the largest pruned |G| of each block (LMA, RigL-NM:
+``top_pruned_gradient``) and every step has one forward and backward, the storage keeps only those
+(``compact_grad``): no layer's dense gradient outlives its backward, and the update iteration's peak memory
+stays near an ordinary one's.
 
 ``module.weight`` stays the dense weight when read (a scatter of the values); ``model.state_dict()`` holds
 the dense weight under its usual key, and loading a dense weight into a compressed layer gathers it.
@@ -32,13 +36,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from bame import native
 from bame.kernels import ops  # noqa: F401 (registers the bame:: operators the traced products call)
 from bame.kernels.compressed import compressed_conv, compressed_linear, conv_geometry, time_layer_step
 from bame.kernels.conv import ConvPlan, choose_conv_plan, native_conv_problem
 from bame.kernels.packed import index_dtype
 from bame.kernels.plan import Plan, choose_plan
 from bame.kernels.slots import Slots
-from bame.nm import from_blocks, kept_indices, sorted_blocks, to_blocks
+from bame.nm import from_blocks, kept_indices, to_blocks
 
 __all__ = ["CompressedNM", "choose_products", "compress", "decompress", "dense_is_faster", "load_plan", "plan_state",
            "storage_problem", "update_slots"]
@@ -89,6 +94,11 @@ class CompressedNM(Slots, nn.Module):
         self.register_buffer("bwd_keep", None, persistent=False)  # slots the input gradient uses (BAME-dagger)
         self.want_dense_grad = False  # this iteration's method needs the dense weight gradient
         self.dense_grad: Tensor | None = None  # that gradient, accumulated over the iteration's backwards
+        #: keep only the kept entries' and each block's largest pruned gradients (one backward per step)
+        self.compact_grad = False
+        #: ``(kept (K, N), pruned positions (K, P), pruned gradients (K, P))`` of a compact update gradient
+        self.compact: tuple[Tensor, Tensor, Tensor] | None = None
+        self.forwards = 0  # training forwards since the sparsifier last counted them (one per step, or more)
         self.forward_impl: Any = None
         self.plan: Any = None  # the Linear kernels' plan (bame.kernels.choose_plan), chosen at the first forward
         self.pending: Tensor | None = None  # a dense weight loaded before the slots (see load_pending)
@@ -137,9 +147,29 @@ class CompressedNM(Slots, nn.Module):
             self.pending = None
 
     def stash(self, grad: Tensor) -> None:
-        """Accumulate this iteration's dense weight gradient (update iterations; micro-batches add up)."""
+        """Accumulate this iteration's dense weight gradient (update iterations; micro-batches add up), or
+        keep its compact form (``compact_grad``: one backward per iteration)."""
         grad = grad.detach().reshape(self.shape)
-        self.dense_grad = grad.clone() if self.dense_grad is None else self.dense_grad.add_(grad)
+        if not self.compact_grad:
+            self.dense_grad = grad.clone() if self.dense_grad is None else self.dense_grad.add_(grad)
+            return
+        if self.compact is not None:
+            raise RuntimeError("bame: a second backward on a mask-update iteration of a compressed layer whose "
+                               "previous step had one: compressed storage keeps a compact update gradient when "
+                               "steps have one forward and backward each; keep the number of forwards per step "
+                               "steady (gradient accumulation from the first step on)")
+        blocks = to_blocks(grad, self.m, "cin").contiguous()  # (K, M)
+        self.compact = (blocks.gather(1, self.indices.long()), *top_pruned(blocks, self.indices, self.n))
+
+    def compact_dense_grad(self) -> Tensor | None:
+        """The dense gradient the compact one stands for: the kept and the largest pruned entries of every
+        block, zero elsewhere (the proposal reads no other entry)."""
+        if self.compact is None:
+            return None
+        kept, where, pruned = self.compact
+        blocks = torch.zeros(kept.shape[0], self.m, dtype=kept.dtype, device=kept.device)
+        blocks.scatter_(1, self.indices.long(), kept).scatter_(1, where.long(), pruned)
+        return from_blocks(blocks, self.shape, "cin").contiguous()
 
     def forward(self, values: Tensor) -> Tensor:
         return _DenseView.apply(values, self)
@@ -165,6 +195,8 @@ def _product(storage: CompressedNM) -> Any:
 
     @torch.compiler.disable
     def eager(module: nn.Module, x: Tensor, values: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and not probing():
+            storage.forwards += 1
         if not torch.is_grad_enabled() and (storage.plan is None or storage.plan.fwd == "dense"):
             weight = storage.inference_weight(values).to(x.dtype)  # scattered once per change of W or B
             if isinstance(module, nn.Linear):
@@ -215,10 +247,15 @@ def choose_products(storage: CompressedNM, module: nn.Module, shape: tuple[int, 
     return _agreed(choose_conv_plan(geo, storage.n, storage.m, shape[0], dtype, device))
 
 
+def distributed() -> bool:
+    """Whether this process is one of several data-parallel ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _agreed(plan: Any) -> Any:
     """Rank 0's plan on every rank: plans are chosen by timing, and ranks that timed differently would
     sum in different orders and drift apart (every rank chooses its plans at the same forward)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed():
         return plan
     box = [plan]
     dist.broadcast_object_list(box, src=0)
@@ -369,18 +406,39 @@ def update_slots(storage: CompressedNM, values: Tensor, new_blocks: Tensor,
     old = storage.indices.long()  # (K, N)
     new_blocks = new_blocks.bool()
     stays = new_blocks.gather(1, old)  # (K, N): the slot's position is still kept
-    grown = new_blocks & ~storage.block_mask()  # (K, M)
-    grown_first = sorted_blocks(grown.to(torch.uint8)).indices[:, : storage.n]  # grown positions, ascending
-    rank = (~stays).to(torch.int64).cumsum(dim=1) - 1  # (K, N): the freed slot's rank in its block
-    new = torch.where(stays, old, grown_first.gather(1, rank.clamp(min=0)))
     freed = ~stays
+    grown = new_blocks & ~storage.block_mask()  # (K, M): as many per block as it frees
+    # The r-th freed slot of a block (in slot order) takes the block's r-th grown position (ascending): both
+    # lists come out of nonzero() in row-major order, block by block, so they pair up one to one. Only the
+    # changed entries (about 1% of blocks per update) are listed: no (K, M) sort.
+    new = old.clone()
+    slot, position = freed.nonzero(), grown.nonzero()
+    if slot.shape != position.shape:
+        raise ValueError(f"a mask update must keep {storage.n} per block: {slot.shape[0]} slots freed, "
+                         f"{position.shape[0]} positions grown")
+    new[slot[:, 0], slot[:, 1]] = position[:, 1]
     values.masked_fill_(freed, 0.0)
     state = optimizer.state.get(values, {}) if optimizer is not None else {}
     for value in state.values():
         if torch.is_tensor(value) and value.shape == values.shape:
             value.masked_fill_(freed, 0)
     storage.indices.copy_(new)
+    storage._cache.clear()  # what was derived from the old slots goes now, not when next rebuilt
     return 2 * torch.count_nonzero(freed)
+
+
+@torch.no_grad()
+def top_pruned(blocks: Tensor, indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The ``min(N, M - N)`` largest-|G| entries of every ``(K, M)`` block that its slots ``indices`` do not
+    hold (NaN as +inf, ties to the lower position): positions (uint8) and gradients, ``(K, P)`` each."""
+    m = blocks.shape[-1]
+    p = min(n, m - n)
+    if native.ready(blocks) and m <= 64 and indices.dtype == torch.uint8 and indices.is_contiguous():
+        return native.top_pruned(blocks, indices, p)
+    mag = torch.nan_to_num(blocks.abs(), nan=math.inf, posinf=math.inf)
+    mag.scatter_(1, indices.long(), -1.0)  # held entries are never chosen
+    order = torch.sort(mag, dim=1, descending=True, stable=True).indices[:, :p]
+    return order.to(torch.uint8), blocks.gather(1, order)
 
 
 @torch.no_grad()
@@ -388,10 +446,10 @@ def dense_gradient(storage: CompressedNM, values: Tensor) -> Tensor | None:
     """This iteration's dense weight gradient, as the optimizer will see the values' gradient: averaged over
     data-parallel ranks (as DDP averages the values'), and scaled as the values' gradient was since the
     backward (AMP's unscaling, clipping)."""
-    grad = storage.dense_grad
+    grad = storage.dense_grad if storage.compact is None else storage.compact_dense_grad()
     if grad is None:
         return None
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if storage.compact is None and distributed():
         dist.all_reduce(grad)
         grad.div_(dist.get_world_size())
     if values.grad is not None:

@@ -119,6 +119,10 @@ class Method:
     #: Why the method needs the dense weight or a dense gradient on every iteration, so that it cannot be
     #: stored compressed (empty: from the first iteration whose plan keeps N with pruned weights zero, it can).
     dense_every_step: ClassVar[str] = ""
+    #: The update proposal (and its statistics) reads the dense gradient G only at the kept entries and, in
+    #: every block, at the ``min(N, M - N)`` pruned entries of largest |G| (ties: the lower position), so that
+    #: compressed storage may keep just those on update iterations instead of every layer's dense G.
+    top_pruned_gradient: ClassVar[bool] = False
 
     def __init__(self, options: Any, *, n: int, m: int, total_steps: int | None, seed: int,
                  steps_per_epoch: int | None = None) -> None:

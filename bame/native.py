@@ -65,7 +65,7 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("csrc") / "nm_kernels.c"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
-ABI_VERSION = 10  # must match nm_abi_version() in the C source
+ABI_VERSION = 11  # must match nm_abi_version() in the C source
 #: Multiply-adds below which a call stays on one thread (thread hand-off costs ~10-50 us).
 MIN_PARALLEL_WORK = 1 << 18
 #: Elements from which a mask-upkeep call (top-N, flip counts, LMA, OBF ranks) beats PyTorch's ops: below
@@ -142,6 +142,7 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.nm_lma_propose_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64, p, i64, i64]
     lib.nm_kth_smallest_f32.argtypes = [p, i64, i64]
     lib.nm_lma_regrowth_f32.argtypes = [p, p, p, ctypes.c_float, i64, p, p, i64, i64]
+    lib.nm_top_pruned_f32.argtypes = [p, p, i64, i64, i64, p, p, i64, i64]
     lib.nm_srste_decay_f32.argtypes = [p, p, p, ctypes.c_float, i64, i64]
     lib.nm_bag_chunked_f32.argtypes = [p, i64, i64, i64, p, p, i64, p, p, p, i64, i64, p, i64, i64]
     lib.nm_conv_bags_f32.argtypes = [p, p, p, p, p, p, i64, p, p]
@@ -162,7 +163,7 @@ def _open(path: Path) -> ctypes.CDLL:
     for fn in (lib.nm_srste_decay_f32, lib.nm_take_f32, lib.nm_topn_mask_f32, lib.nm_block_flips_u8,
                lib.nm_lma_propose_f32, lib.nm_lma_regrowth_f32, lib.nm_bag_f32, lib.nm_sampled_dot_f32,
                lib.nm_to_tiles_f32, lib.nm_scatter_rows_f32, lib.nm_gather_rows_f32, lib.nm_bag_chunked_f32,
-               lib.nm_sum_rows_f32):
+               lib.nm_sum_rows_f32, lib.nm_top_pruned_f32):
         fn.restype = None
     return lib
 
@@ -793,6 +794,29 @@ def lma_regrowth(weight: Tensor, grad: Tensor, old: Tensor, lr: float,
     if k > 0:
         _even_split(run, k, weight.numel(), threads)
     return best, weakest
+
+
+def top_pruned(grad: Tensor, slots: Tensor, p: int, threads: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per block of contiguous float32 ``(K, M)`` gradient blocks, the ``p`` entries of largest |G| among those
+    the uint8 ``(K, N)`` slots do not hold (NaN as +inf, ties to the lower position): their positions (uint8
+    ``(K, p)``) and gradients (``(K, p)``), largest first."""
+    lib = _require()
+    _f32(grad)
+    k, m = grad.shape
+    n = slots.shape[-1] if slots.dim() == 2 else 0
+    if slots.shape != (k, n) or slots.dtype != torch.uint8 or not slots.is_contiguous() or m > 64:
+        raise ValueError("native top_pruned needs (K, M) gradient blocks (M <= 64) and uint8 (K, N) slots")
+    if not 0 < p <= m - n:
+        raise ValueError(f"p = {p} outside 1..{m - n} (the pruned entries of a block)")
+    idx, val = torch.empty((k, p), dtype=torch.uint8), torch.empty((k, p))
+    args = (grad.data_ptr(), slots.data_ptr(), m, n, p, idx.data_ptr(), val.data_ptr())
+
+    def run(g0: int, g1: int) -> None:
+        lib.nm_top_pruned_f32(*args, g0, g1)
+
+    if k > 0:
+        _even_split(run, k, grad.numel(), threads)
+    return idx, val
 
 
 def kth_smallest(values: Tensor, k: int) -> float:

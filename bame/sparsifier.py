@@ -78,6 +78,7 @@ class SparseLayer:
                                  persistent=False)  # a buffer: it follows model.to(device), no host copies
         self.window = 0  # re-selections since the last aggregated event
         self.input_seen: tuple | None = None  # (shape, dtype, device) of the first training input (watch_input)
+        self.forwards = 0  # training forwards since the sparsifier last counted them (watch_input, stored dense)
         self._watch: Any = None
 
     # -- tensors -----------------------------------------------------------------------------------
@@ -157,6 +158,15 @@ class SparseLayer:
             self.par.set_bwd_mask(mask)
         self.module.parametrizations.weight[0] = self.par
 
+    def take_forwards(self) -> int:
+        """The training forwards since the last call (eager ones; a compiled forward is not counted)."""
+        storage = self.compressed
+        count = self.forwards + (storage.forwards if storage is not None else 0)
+        self.forwards = 0
+        if storage is not None:
+            storage.forwards = 0
+        return count
+
     def stop_watching(self) -> None:
         if self._watch is not None:
             self._watch.remove()
@@ -170,6 +180,7 @@ class SparseLayer:
 
         def hook(module: nn.Module, args: tuple) -> None:
             if torch.is_grad_enabled() and not torch.compiler.is_compiling() and args and not compressed.probing():
+                self.forwards += 1
                 x = args[0]
                 if self.input_seen is None or x.numel() > math.prod(self.input_seen[0]):
                     self.input_seen = (tuple(x.shape), x.dtype, x.device)
@@ -267,12 +278,14 @@ class Sparsifier:
         self._squashed = False
         self._plan_cache: tuple[int, Step] | None = None
         self._switched = False
+        #: the most training forwards a sparse layer saw in the last step (0: not counted, e.g. compiled)
+        self.forwards_per_step = 0
         self._select(include, exclude, layer_filter)
         if optimizer is not None:
             self.bind(optimizer)
         for layer in self.layers:
             self._init_layer(layer)
-            if storage == "compressed" and kernel == "sparse":
+            if storage == "compressed":
                 layer.watch_input()
         self._ddp_ignore_buffers()
         self.prepare(self.step_count)
@@ -435,6 +448,7 @@ class Sparsifier:
         storage = layer.compressed
         if storage is not None:
             storage.want_dense_grad = step.dense_wgrad
+            storage.compact_grad = step.dense_wgrad and self._compact_update_gradient()
             if storage.bwd_keep is not None:  # BAME-dagger's backward mask, at the slots
                 dense = storage.dense(layer.weight.detach())
                 storage.bwd_keep.copy_(storage.gather(backward_mask(dense, layer.mask, self.n, self.m)))
@@ -445,6 +459,12 @@ class Sparsifier:
             perm = self.method.backward_perm(layer)
             layer.par.set_bwd_mask(backward_mask(layer.weight, layer.mask, self.n, self.m, perm))
         self.method.refresh(t, layer)
+
+    def _compact_update_gradient(self) -> bool:
+        """Whether compressed layers keep only a compact update gradient this iteration: the method reads no
+        more (``top_pruned_gradient``), one process (data-parallel ranks average the dense one), and the last
+        step had one training forward per layer (micro-batches must add up dense gradients)."""
+        return self.method.top_pruned_gradient and self.forwards_per_step == 1 and not compressed.distributed()
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple | None:
         """The step pre-hook. A step given a closure (Lightning's automatic optimization) has no gradient yet:
@@ -468,6 +488,8 @@ class Sparsifier:
         method's gradient term, then the gradient mode."""
         t = self.step_count
         step = self.plan(t)
+        if self.storage == "compressed":
+            self.forwards_per_step = max((layer.take_forwards() for layer in self.layers), default=0)
         for layer in self.layers:
             grad = layer.weight.grad
             if grad is None:  # the layer took no part in this iteration's loss
@@ -501,7 +523,8 @@ class Sparsifier:
             grad = compressed.dense_gradient(storage, layer.weight)
             if grad is None:
                 return
-        w, g, old = layer.weight_blocks(), layer.blocks(grad), layer.blocks(layer.mask)  # (K, M)
+        old = layer.blocks(layer.mask) if storage is None else storage.block_mask()  # (K, M); no cached dense mask
+        w, g = layer.weight_blocks(), layer.blocks(grad)
         lr = self.lr_of(layer.weight)
         proposal = self.method.propose(t, layer, w, g, old, lr)
         extra = self.method.proposal_stats(t, layer, w, g, old, lr)
@@ -513,7 +536,7 @@ class Sparsifier:
         layer.count(self.commit(layer, new, "changed", count=True))
         if storage is not None:
             layer.weight.grad = storage.gather(grad).to(layer.weight.dtype)
-            storage.dense_grad = None
+            storage.dense_grad = storage.compact = None
         stats = layer.stats
         self.events.append({
             "step": t, "layer": layer.name, "updates": stats["updates"], "last_flips": stats["last_flips"],

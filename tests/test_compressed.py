@@ -625,3 +625,117 @@ def test_a_layer_faster_dense_stays_in_dense_storage_and_trains_as_dense(method,
     assert resumed[3] == comp[3][steps // 2:]
     for a, b in zip(comp[2].layers, resumed[2].layers, strict=True):
         assert torch.equal(a.weight, b.weight), a.name
+
+
+# ------------------------------------------------------------------------ the compact update gradient
+def _quantized(k: int, m: int, g: torch.Generator) -> torch.Tensor:
+    """Values on a coarse grid (many exact ties), some zero, both signs."""
+    return torch.randint(-3, 4, (k, m), generator=g).float() / 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (1, 16), (4, 16)]), st.integers(0, 10_000))
+def test_the_compact_gradient_gives_every_block_evolution_rule_the_same_result(nm, seed):
+    """LMA's proposal and statistics and both RigL-NM rules read only the kept entries and each block's
+    min(N, M - N) largest pruned |G|: on the compact gradient (zero elsewhere) they decide exactly as on the
+    dense one, ties included."""
+    from bame import lma
+    from bame.compressed import top_pruned
+    from bame.methods.rigl_nm import every_block_rule, fraction_rule
+    from bame.nm import kept_indices
+
+    n, m = nm
+    g = torch.Generator().manual_seed(seed)
+    k = 64
+    old = torch.argsort(torch.rand(k, m, generator=g), dim=-1) < n
+    w = _quantized(k, m, g) * old  # pruned weights are zero
+    grad = _quantized(k, m, g)
+    slots = kept_indices(old, n).to(torch.uint8)
+    where, pruned = top_pruned(grad, slots, n)
+    compact = torch.zeros_like(grad).scatter_(1, slots.long(), grad.gather(1, slots.long()))
+    compact.scatter_(1, where.long(), pruned)
+    for lr in (0.5, 4.0):
+        assert torch.equal(lma.propose(w, compact, old, n, lr), lma.propose(w, grad, old, n, lr))
+        assert lma.regrowth(w, compact, old, n, lr) == lma.regrowth(w, grad, old, n, lr)
+    assert torch.equal(every_block_rule(w, compact, old), every_block_rule(w, grad, old))
+    assert torch.equal(fraction_rule(w, compact, old, n, 0.3), fraction_rule(w, grad, old, n, 0.3))
+
+
+@needs_cc
+@pytest.mark.parametrize("nm", [(1, 4), (2, 4), (1, 16), (5, 16), (2, 64)])
+def test_native_top_pruned_equals_the_sorting_reference(nm, monkeypatch):
+    from bame import compressed
+    from bame.nm import kept_indices
+
+    n, m = nm
+    g = torch.Generator().manual_seed(m * 10 + n)
+    k = 40_000 // m + 7
+    grad = _quantized(k, m, g)
+    grad[3, :] = float("nan")
+    grad[4, 1] = float("inf")
+    grad[5, 0] = float("nan")
+    grad[5, -1] = float("-inf")  # NaN and inf rank alike: the lower position first
+    slots = kept_indices(torch.argsort(torch.rand(k, m, generator=g), dim=-1) < n, n).to(torch.uint8)
+    slots = slots[:, torch.randperm(n, generator=g)].contiguous()  # slots keep no order
+    fast = compressed.top_pruned(grad, slots, n)
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "ready", lambda *a, **kw: False)
+        slow = compressed.top_pruned(grad, slots, n)
+    assert fast[0].shape == (k, min(n, m - n)) and torch.equal(fast[0], slow[0])
+    assert torch.equal(fast[1].nan_to_num(7.0), slow[1].nan_to_num(7.0)) and fast[1][3].isnan().all()
+    held = torch.zeros(k, m, dtype=torch.bool).scatter_(1, slots.long(), True)
+    assert not held.gather(1, fast[0].long()).any()  # never a kept entry
+
+
+def _bame_run(micro_batches: int, monkeypatch) -> tuple[list, int]:
+    """BAME 2:8 with compressed storage (update every 2 steps from t_i = 0); the compact gradients used."""
+    used = []
+    real = CompressedNM.compact_dense_grad
+    monkeypatch.setattr(CompressedNM, "compact_dense_grad", lambda self: used.append(1) or real(self))
+    model = mlp()
+    opt = optimizer(model, "sgd")
+    sp = bame.sparsify(model, opt, "bame", "2:8", total_steps=12, t_i=0, delta_t=2, verbose=False,
+                       storage="compressed", kernel="dense")
+    for t in range(12):
+        opt.zero_grad()
+        for micro in range(micro_batches):
+            x, y = batch("mlp", micro_batches * t + micro)
+            (F.cross_entropy(model(x), y) / micro_batches).backward()
+        opt.step()
+    return [layer.mask.clone() for layer in sp.layers], len(used)
+
+
+def test_update_iterations_keep_a_compact_gradient_unless_steps_accumulate(monkeypatch):
+    """One backward per step: from the second update on (the first step counts the forwards), each layer
+    keeps the compact gradient and the masks are dense storage's; two micro-batches per step: the dense one."""
+    masks, used = _bame_run(1, monkeypatch)
+    assert used == 3 * 2  # updates at t = 2, 4, 6 (t_f = 8; t = 0 has no count yet); two sparse layers
+    model = mlp()
+    opt = optimizer(model, "sgd")
+    sp = bame.sparsify(model, opt, "bame", "2:8", total_steps=12, t_i=0, delta_t=2, verbose=False)
+    for t in range(12):
+        x, y = batch("mlp", t)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(a, b.mask) for a, b in zip(masks, sp.layers, strict=True))
+    assert sum(int(layer.flips[0]) for layer in sp.layers) > 0  # the masks did evolve
+    _, used = _bame_run(2, monkeypatch)
+    assert used == 0
+
+
+def test_a_second_backward_on_a_compact_update_iteration_is_refused_in_one_line():
+    model = mlp()
+    opt = optimizer(model, "sgd")
+    bame.sparsify(model, opt, "bame", "2:8", total_steps=12, t_i=0, delta_t=2, verbose=False, storage="compressed",
+                  kernel="dense")
+    x, y = batch("mlp", 0)
+    for _ in range(2):  # steps 0 and 1: one forward each
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # step 2, an update iteration: compact
+    with pytest.raises(RuntimeError, match="second backward on a mask-update iteration") as err:
+        F.cross_entropy(model(x), y).backward()
+    assert "\n" not in str(err.value)

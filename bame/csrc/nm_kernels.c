@@ -20,7 +20,7 @@
 #include <string.h>
 
 /* Version of the C interface; native.py checks it after loading a library. */
-int64_t nm_abi_version(void) { return 10; }
+int64_t nm_abi_version(void) { return 11; }
 
 /* The largest token tile (floats): the accumulators of one bag tile stay in registers. */
 #define MAX_TW 64
@@ -480,6 +480,42 @@ void nm_lma_regrowth_f32(const float *restrict w, const float *restrict g, const
         case 8: nm_lma_regrowth_blocks(w, g, old, lr, 8, best, weakest, g0, g1); return;
         case 16: nm_lma_regrowth_blocks(w, g, old, lr, 16, best, weakest, g0, g1); return;
         default: nm_lma_regrowth_blocks(w, g, old, lr, M, best, weakest, g0, g1);
+    }
+}
+
+/*
+ * Compressed storage's update gradient (bame.compressed.CompressedNM.stash): per block of M consecutive
+ * gradient entries, blocks [k0, k1), the P entries of largest |G| among those the block's N slots do not
+ * hold (slots: uint8 (K, N) in-block positions), NaN ranking as +inf and ties going to the lower position;
+ * their positions and gradients, in that order. P <= M - N, M <= 64.
+ */
+void nm_top_pruned_f32(const float *restrict g, const uint8_t *restrict slots, int64_t M, int64_t N, int64_t P,
+                       uint8_t *restrict out_idx, float *restrict out_val, int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+        uint64_t held = 0;
+        for (int64_t j = 0; j < N; ++j) held |= 1ull << slots[k * N + j];
+        float top[64];
+        uint8_t pos[64];
+        int64_t count = 0;
+        for (int64_t i = 0; i < M; ++i) {
+            if ((held >> i) & 1ull) continue;
+            float a = fabsf(g[k * M + i]);
+            if (a != a) a = INFINITY;
+            int64_t at = count < P ? count : P; /* insertion point: after every entry at least as large */
+            while (at > 0 && a > top[at - 1]) --at;
+            if (at >= P) continue;
+            for (int64_t j = (count < P ? count : P - 1); j > at; --j) {
+                top[j] = top[j - 1];
+                pos[j] = pos[j - 1];
+            }
+            top[at] = a;
+            pos[at] = (uint8_t)i;
+            if (count < P) ++count;
+        }
+        for (int64_t j = 0; j < P; ++j) {
+            out_idx[k * P + j] = pos[j];
+            out_val[k * P + j] = g[k * M + pos[j]];
+        }
     }
 }
 

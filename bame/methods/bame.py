@@ -72,6 +72,9 @@ class BlockEvolution(Method):
 
     Options = ScheduleOptions
     evolves = True
+    #: LMA keeps the top-N scores of a block: a pruned entry's score lr*G^2 ranks as its |G|, so only the
+    #: min(N, M - N) largest pruned |G| can enter; RigL-NM grows at most that many per block by |G|.
+    top_pruned_gradient = True
     backward_note = "sparse dX (W*B); dW masked, dense every delta_t and in the gradual phase"
 
     def __init__(self, options, **kwargs) -> None:
