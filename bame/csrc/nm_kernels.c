@@ -494,6 +494,20 @@ void nm_top_pruned_f32(const float *restrict g, const uint8_t *restrict slots, i
     for (int64_t k = k0; k < k1; ++k) {
         uint64_t held = 0;
         for (int64_t j = 0; j < N; ++j) held |= 1ull << slots[k * N + j];
+        if (P == 1) { /* 1:M: the one largest, by a running maximum */
+            float best = -1.0f;
+            int64_t at = 0;
+            for (int64_t i = 0; i < M; ++i) {
+                float a = fabsf(g[k * M + i]);
+                if (a != a) a = INFINITY;
+                const int take = !((held >> i) & 1ull) && a > best;
+                best = take ? a : best;
+                at = take ? i : at;
+            }
+            out_idx[k] = (uint8_t)at;
+            out_val[k] = g[k * M + at];
+            continue;
+        }
         float top[64];
         uint8_t pos[64];
         int64_t count = 0;
