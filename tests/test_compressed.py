@@ -63,15 +63,20 @@ def run(kind: str, method: str, storage: str, opt_name: str, steps: int, stop: i
     options = {"delta_t": 5} if method in ("bame", "lma", "rigl_nm", "bame_bi") else {}
     sp = bame.sparsify(model, opt, method, "2:8", total_steps=steps, verbose=False, storage=storage,
                        **options, **kw)
+    return model, opt, sp, train_steps(model, opt, kind, 0, steps if stop is None else stop)
+
+
+def train_steps(model: nn.Module, opt: torch.optim.Optimizer, kind: str, start: int, stop: int) -> list[float]:
+    """Iterations [start, stop) on the seeded batches; the losses."""
     losses = []
-    for t in range(steps if stop is None else stop):
+    for t in range(start, stop):
         x, y = batch(kind, t)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return model, opt, sp, losses
+    return losses
 
 
 # ------------------------------------------------------------------------- the same results as dense
@@ -591,15 +596,7 @@ def test_a_layer_faster_dense_stays_in_dense_storage_and_trains_as_dense(method,
             model.load_state_dict(state[0])
             sp.load_state_dict(state[2])
             opt.load_state_dict(state[1])
-        losses = []
-        for t in range(sp.step_count, stop):
-            x, y = batch("mlp", t)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return model, opt, sp, losses
+        return model, opt, sp, train_steps(model, opt, "mlp", sp.step_count, stop)
 
     dense, comp = train("dense"), train("compressed")
     assert asked and set(asked) <= {(64, 32), (32, 64)}
@@ -713,11 +710,7 @@ def test_update_iterations_keep_a_compact_gradient_unless_steps_accumulate(monke
     model = mlp()
     opt = optimizer(model, "sgd")
     sp = bame.sparsify(model, opt, "bame", "2:8", total_steps=12, t_i=0, delta_t=2, verbose=False)
-    for t in range(12):
-        x, y = batch("mlp", t)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_steps(model, opt, "mlp", 0, 12)
     assert all(torch.equal(a, b.mask) for a, b in zip(masks, sp.layers, strict=True))
     assert sum(int(layer.flips[0]) for layer in sp.layers) > 0  # the masks did evolve
     _, used = _bame_run(2, monkeypatch)
