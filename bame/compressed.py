@@ -27,8 +27,10 @@ the dense weight under its usual key, and loading a dense weight into a compress
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import sys
 from typing import Any
 
 import torch
@@ -153,13 +155,33 @@ class CompressedNM(Slots, nn.Module):
         if not self.compact_grad:
             self.dense_grad = grad.clone() if self.dense_grad is None else self.dense_grad.add_(grad)
             return
+        self._check_one_backward()
+        blocks = to_blocks(grad, self.m, "cin").contiguous()  # (K, M)
+        self.compact = (blocks.gather(1, self.indices.long()), *top_pruned(blocks, self.indices, self.n))
+
+    def stash_product(self, dy: Tensor, x: Tensor) -> Tensor:
+        """A Linear layer's compact update gradient from ``dY (T, out)`` and ``X (T, in)``: the dense product
+        ``dY^T X`` in chunks of output rows (about 4 MB each; a block never straddles rows), each reduced to
+        its kept and largest pruned entries at once, so no weight-sized gradient is ever allocated. Returns the
+        kept values' gradient ``(K, N)``."""
+        self._check_one_backward()
+        out, in_ = self.shape
+        per_row = in_ // self.m  # blocks per output row
+        rows = max(1, (1 << 20) // in_)
+        parts = []
+        for r0 in range(0, out, rows):
+            blocks = (dy[:, r0:r0 + rows].t() @ x).reshape(-1, self.m)  # (rows * per_row, M)
+            slots = self.indices[r0 * per_row:(r0 + rows) * per_row]
+            parts.append((blocks.gather(1, slots.long()), *top_pruned(blocks, slots, self.n)))
+        self.compact = tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[assignment]
+        return self.compact[0].clone()  # the values' gradient: AMP's unscaling and clipping change it in place
+
+    def _check_one_backward(self) -> None:
         if self.compact is not None:
             raise RuntimeError("bame: a second backward on a mask-update iteration of a compressed layer whose "
                                "previous step had one: compressed storage keeps a compact update gradient when "
                                "steps have one forward and backward each; keep the number of forwards per step "
                                "steady (gradient accumulation from the first step on)")
-        blocks = to_blocks(grad, self.m, "cin").contiguous()  # (K, M)
-        self.compact = (blocks.gather(1, self.indices.long()), *top_pruned(blocks, self.indices, self.n))
 
     def compact_dense_grad(self) -> Tensor | None:
         """The dense gradient the compact one stands for: the kept and the largest pruned entries of every
@@ -245,6 +267,29 @@ def choose_products(storage: CompressedNM, module: nn.Module, shape: tuple[int, 
     geo = conv_geometry(storage, torch.empty(shape, dtype=dtype, device="meta"), module.padding, module.dilation,
                         module.stride)
     return _agreed(choose_conv_plan(geo, storage.n, storage.m, shape[0], dtype, device))
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Called around a mask update of compressed layers: glibc's mmap threshold adapts upwards once a large
+    block is freed, so a backward's activations and the update's (K, M) temporaries (16 MB each for a
+    4096 x 1024 layer) come from its heap, and freed heap pages stay resident; without this the update's
+    temporaries land on top of the backward's peak. Before the update and after each layer's, once per
+    ``delta_t`` iterations: a trim takes about a millisecond, and the next step faults its pages back in
+    (about 20 ms for the 1:16 MLP of ``benchmarks/bench_compressed.py``, 0.2 ms per step amortised).
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else False
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 def distributed() -> bool:

@@ -490,6 +490,8 @@ class Sparsifier:
         step = self.plan(t)
         if self.storage == "compressed":
             self.forwards_per_step = max((layer.take_forwards() for layer in self.layers), default=0)
+            if step.evolve and any(layer.compressed is not None for layer in self.layers):
+                compressed.release_freed_memory()  # the backward's activations, before the update's temporaries
         for layer in self.layers:
             grad = layer.weight.grad
             if grad is None:  # the layer took no part in this iteration's loss
@@ -537,6 +539,8 @@ class Sparsifier:
         if storage is not None:
             layer.weight.grad = storage.gather(grad).to(layer.weight.dtype)
             storage.dense_grad = storage.compact = None
+            del grad, w, g, old, proposal, new
+            compressed.release_freed_memory()  # this layer's temporaries, before the next layer's
         stats = layer.stats
         self.events.append({
             "step": t, "layer": layer.name, "updates": stats["updates"], "last_flips": stats["last_flips"],

@@ -732,3 +732,24 @@ def test_a_second_backward_on_a_compact_update_iteration_is_refused_in_one_line(
     with pytest.raises(RuntimeError, match="second backward on a mask-update iteration") as err:
         F.cross_entropy(model(x), y).backward()
     assert "\n" not in str(err.value)
+
+
+def test_the_compact_gradient_from_row_chunks_equals_the_one_from_the_whole_product():
+    """A wide Linear layer's update gradient is computed in chunks of output rows (512 x 4096: two chunks of
+    256 rows) and reduced at once; on integer data (exact products) it is the whole product's, bit for bit."""
+    from bame.nm import kept_indices
+
+    g = torch.Generator().manual_seed(5)
+    out, in_, n, m = 512, 4096, 2, 8
+    mask = torch.argsort(torch.rand(out * in_ // m, m, generator=g), dim=-1) < n
+    storage = CompressedNM((out, in_), n, m, kept_indices(mask, n))
+    storage.compact_grad = True
+    dy = torch.randint(-2, 3, (16, out), generator=g).float()
+    x = torch.randint(-2, 3, (16, in_), generator=g).float()
+    kept = storage.stash_product(dy, x)
+    chunked, storage.compact = storage.compact, None
+    storage.stash(dy.t() @ x)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, storage.compact, strict=True))
+    assert torch.equal(kept, chunked[0]) and kept.data_ptr() != chunked[0].data_ptr()
+    with pytest.raises(RuntimeError, match="second backward"):
+        storage.stash_product(dy, x)

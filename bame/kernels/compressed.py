@@ -109,6 +109,8 @@ def linear_backward(dy2: Tensor, x2: Tensor, vals: Tensor, storage: Any, plan_na
             dvals = dw_native_tiles(dy_nt, x_nt, dy2.shape[0], storage.packed(vals))
         elif sparse_dw:
             dvals = WEIGHT_GRAD[dw_name](dy2, x2, storage.packed(vals), 0)
+        elif storage.want_dense_grad and getattr(storage, "compact_grad", False):
+            dvals = storage.stash_product(dy2, x2)  # the dense product in row chunks, kept compact
         else:
             full = dy2.t() @ x2  # (out, in): the one dense weight-gradient product
             if storage.want_dense_grad:
