@@ -92,9 +92,14 @@ def train_step(net: Callable[..., Any], opt: Any, sp: Any, x: torch.Tensor, y: t
 
 
 def inference(net: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """Forwards under ``torch.no_grad()``: enough per timed call for about 64 samples (a batch-8 forward is a
+    few milliseconds, near the timer's noise)."""
+    calls = max(1, 64 // x.shape[0])
+
     def run() -> None:
         with torch.no_grad():
-            net(x)
+            for _ in range(calls):
+                net(x)
 
     return run
 
@@ -115,15 +120,17 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     net, opt, sp = trainee(base, False, args.nm, None)
     cands["eager dense again"] = train_step(net, opt, sp, x, y)  # the A/A control
     # inference: a model attached to its sparsifier (BAME's masks, eval) against the same model squashed
-    attached, squashed = copy.deepcopy(base).eval(), copy.deepcopy(base).eval()
-    for model in (attached, squashed):  # the same weights, so the same masks
+    attached, squashed, again = (copy.deepcopy(base).eval() for _ in range(3))
+    for model in (attached, squashed, again):  # the same weights, so the same masks
         sp = bame.sparsify(model, None, "bame", args.nm, total_steps=common.TOTAL_STEPS, verbose=False,
                            **common.EVOLUTION)
         sp.step_count = common.DELTA_T + 1
         sp.prepare(sp.step_count)
-    sp.squash()  # the second one
+        if model is not attached:
+            sp.squash()
     cands["infer attached"] = inference(attached, x)
     cands["infer squashed"] = inference(squashed, x)
+    cands["infer squashed again"] = inference(again, x)  # the inference A/A: two squashed copies
     common.log(f"{name} batch {batch}: {len(cands)} candidates")
     load = list(os.getloadavg())
     samples = common.time_round_robin(cands, args.repeats, args.warmup,
@@ -132,6 +139,7 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     ratios = {f"{mode} bame/dense": ms[f"{mode} bame"] / ms[f"{mode} dense"] for mode, _ in modes}
     ratios["A/A eager dense again/dense"] = ms["eager dense again"] / ms["eager dense"]
     ratios["inference attached/squashed"] = ms["infer attached"] / ms["infer squashed"]
+    ratios["A/A inference squashed again/squashed"] = ms["infer squashed again"] / ms["infer squashed"]
     return {"model": name, "batch": batch, "ms": ms, "samples_ms": samples, "ratios": ratios,
             "loadavg": {"before": load, "after": list(os.getloadavg())}}
 

@@ -131,9 +131,9 @@ def test_bench_overhead(tmp_path):
     assert [(r["model"], r["batch"]) for r in record["results"]] == [("resnet18", 2), ("vit_tiny", 2)]
     for rec in record["results"]:
         assert set(rec["ms"]) == {"eager dense", "eager bame", "compiled dense", "compiled bame", "eager dense again",
-                                  "infer attached", "infer squashed"}
+                                  "infer attached", "infer squashed", "infer squashed again"}
         assert set(rec["ratios"]) == {"eager bame/dense", "compiled bame/dense", "A/A eager dense again/dense",
-                                      "inference attached/squashed"}
+                                      "inference attached/squashed", "A/A inference squashed again/squashed"}
     # quick mode times batch 2: only the inference targets apply
     assert [t["target"].split(" attached")[0] for t in record["targets"]] == ["resnet18 batch 2", "vit_tiny batch 2"]
 
