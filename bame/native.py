@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -280,6 +281,12 @@ def check_inputs(*tensors: Tensor) -> None:
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != torch.float32:
             raise NotImplementedError(f"native kernels take float32 CPU tensors, not {t.dtype} on {t.device}")
+
+
+def _split_call(fn: Callable[..., None], args: tuple, count: int, work: int, threads: int | None = None) -> None:
+    """``fn(*args, c0, c1)`` over ``[0, count)`` cut into equal ranges (one per thread); nothing if empty."""
+    if count > 0:
+        _even_split(lambda c0, c1: fn(*args, c0, c1), count, work, threads)
 
 
 def _even_split(fn, count: int, work: int, threads: int | None = None) -> None:
@@ -727,13 +734,9 @@ def topn_mask(scores: Tensor, n: int, magnitude: bool = False, threads: int | No
     g, m, r = scores.shape
     _check_topn(n, m)
     out = torch.empty((g, m, r), dtype=torch.bool)
-    args = (scores.data_ptr(), m, r, n, int(magnitude), out.data_ptr())
-
-    def run(g0: int, g1: int) -> None:
-        lib.nm_topn_mask_f32(*args, g0, g1)
-
-    if g > 0 and r > 0:
-        _even_split(run, g, scores.numel() * m // 4, threads)
+    if r > 0:
+        _split_call(lib.nm_topn_mask_f32, (scores.data_ptr(), m, r, n, int(magnitude), out.data_ptr()), g,
+                    scores.numel() * m // 4, threads)
     return out
 
 
@@ -746,12 +749,8 @@ def block_flips(old: Tensor, new: Tensor, threads: int | None = None) -> Tensor:
         raise ValueError("native block_flips needs two contiguous (K, M) masks of one shape")
     k, m = old.shape
     out = torch.empty(k, dtype=torch.int32)
-
-    def run(k0: int, k1: int) -> None:
-        lib.nm_block_flips_u8(old.data_ptr(), new.data_ptr(), m, out.data_ptr(), k0, k1)
-
-    if k > 0:
-        _even_split(run, k, old.numel() // 4, threads)
+    _split_call(lib.nm_block_flips_u8, (old.data_ptr(), new.data_ptr(), m, out.data_ptr()), k, old.numel() // 4,
+                threads)
     return out
 
 
@@ -759,19 +758,11 @@ def lma_propose(weight: Tensor, grad: Tensor, old: Tensor, n: int, lr: float, th
     """:func:`bame.lma.propose` in one pass: the top-N LMA scores of every block of contiguous float32
     ``(K, M)`` weight and gradient blocks and a bool ``(K, M)`` old mask; the same bool proposal."""
     lib = _require()
-    _f32(weight, grad)
-    k, m = weight.shape
-    if grad.shape != (k, m) or old.shape != (k, m) or old.dtype != torch.bool or not old.is_contiguous():
-        raise ValueError("native lma_propose needs (K, M) weight, gradient and bool mask blocks")
+    k, m = _lma_blocks(weight, grad, old, "lma_propose")
     _check_topn(n, m)
     out = torch.empty((k, m), dtype=torch.bool)
-    args = (weight.data_ptr(), grad.data_ptr(), old.data_ptr(), float(lr), m, n, out.data_ptr())
-
-    def run(g0: int, g1: int) -> None:
-        lib.nm_lma_propose_f32(*args, g0, g1)
-
-    if k > 0:
-        _even_split(run, k, weight.numel() * m // 2, threads)
+    _split_call(lib.nm_lma_propose_f32, (weight.data_ptr(), grad.data_ptr(), old.data_ptr(), float(lr), m, n,
+                                         out.data_ptr()), k, weight.numel() * m // 2, threads)
     return out
 
 
@@ -781,19 +772,20 @@ def lma_regrowth(weight: Tensor, grad: Tensor, old: Tensor, lr: float,
     best pruned score ``lr * G**2`` (-inf where none) and the weakest kept score ``|G * W|`` (+inf where none),
     as :func:`bame.lma.regrowth` computes them from :func:`bame.lma.scores` (a NaN score makes its block's NaN)."""
     lib = _require()
+    k, m = _lma_blocks(weight, grad, old, "lma_regrowth")
+    best, weakest = torch.empty(k), torch.empty(k)
+    _split_call(lib.nm_lma_regrowth_f32, (weight.data_ptr(), grad.data_ptr(), old.data_ptr(), float(lr), m,
+                                          best.data_ptr(), weakest.data_ptr()), k, weight.numel(), threads)
+    return best, weakest
+
+
+def _lma_blocks(weight: Tensor, grad: Tensor, old: Tensor, name: str) -> tuple[int, int]:
+    """``(K, M)`` of LMA's inputs, checked: float32 weight and gradient blocks and a contiguous bool mask."""
     _f32(weight, grad)
     k, m = weight.shape
     if grad.shape != (k, m) or old.shape != (k, m) or old.dtype != torch.bool or not old.is_contiguous():
-        raise ValueError("native lma_regrowth needs (K, M) weight, gradient and bool mask blocks")
-    best, weakest = torch.empty(k), torch.empty(k)
-    args = (weight.data_ptr(), grad.data_ptr(), old.data_ptr(), float(lr), m, best.data_ptr(), weakest.data_ptr())
-
-    def run(g0: int, g1: int) -> None:
-        lib.nm_lma_regrowth_f32(*args, g0, g1)
-
-    if k > 0:
-        _even_split(run, k, weight.numel(), threads)
-    return best, weakest
+        raise ValueError(f"native {name} needs (K, M) weight, gradient and bool mask blocks")
+    return k, m
 
 
 def top_pruned(grad: Tensor, slots: Tensor, p: int, threads: int | None = None) -> tuple[Tensor, Tensor]:
@@ -809,13 +801,8 @@ def top_pruned(grad: Tensor, slots: Tensor, p: int, threads: int | None = None) 
     if not 0 < p <= m - n:
         raise ValueError(f"p = {p} outside 1..{m - n} (the pruned entries of a block)")
     idx, val = torch.empty((k, p), dtype=torch.uint8), torch.empty((k, p))
-    args = (grad.data_ptr(), slots.data_ptr(), m, n, p, idx.data_ptr(), val.data_ptr())
-
-    def run(g0: int, g1: int) -> None:
-        lib.nm_top_pruned_f32(*args, g0, g1)
-
-    if k > 0:
-        _even_split(run, k, grad.numel(), threads)
+    _split_call(lib.nm_top_pruned_f32, (grad.data_ptr(), slots.data_ptr(), m, n, p, idx.data_ptr(), val.data_ptr()),
+                k, grad.numel(), threads)
     return idx, val
 
 
@@ -843,10 +830,5 @@ def srste_decay_(grad: Tensor, weight: Tensor, mask: Tensor, lam: float, threads
         raise NotImplementedError("native srste_decay_ takes a contiguous bool CPU mask")
     if grad.shape != weight.shape or grad.shape != mask.shape:
         raise ValueError("gradient, weight and mask must have one shape")
-    args = (grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), float(lam))
-
-    def run(q0: int, q1: int) -> None:
-        lib.nm_srste_decay_f32(*args, q0, q1)
-
-    if grad.numel() > 0:
-        _even_split(run, grad.numel(), grad.numel(), threads)
+    _split_call(lib.nm_srste_decay_f32, (grad.data_ptr(), weight.data_ptr(), mask.data_ptr(), float(lam)),
+                grad.numel(), grad.numel(), threads)
