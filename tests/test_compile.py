@@ -34,13 +34,14 @@ def vit() -> nn.Module:
     return models.create("vit_tiny", num_classes=10, image_size=8, patch_size=4, depth=1)
 
 
-def fresh_steps(net: nn.Module, opt: torch.optim.Optimizer) -> list[float]:
-    """STEPS steps of ``net`` on seeded random batches, dynamo's caches and counters reset first; the losses."""
+def fresh_steps(net: nn.Module, opt: torch.optim.Optimizer, steps: int = STEPS) -> list[float]:
+    """``steps`` steps of ``net`` on seeded random batches, dynamo's caches and counters reset first; the
+    losses."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     losses = []
     g = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
+    for _ in range(steps):
         x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
         loss = F.cross_entropy(net(x), y)
         opt.zero_grad()
@@ -50,8 +51,9 @@ def fresh_steps(net: nn.Module, opt: torch.optim.Optimizer) -> list[float]:
     return losses
 
 
-def train(model: nn.Module, method: str, storage: str, compile_as: str | None) -> tuple[list[float], int]:
-    """Losses of STEPS steps, and the number of dynamo frames compiled (graphs + recompilations)."""
+def train(model: nn.Module, method: str, storage: str, compile_as: str | None) -> tuple[list[float], int, int]:
+    """Losses of STEPS steps, the number of dynamo frames compiled (graphs + recompilations) and the kinds of
+    phase the steps went through (:func:`phase_kinds`)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     target = model
     if compile_as == "before":
@@ -181,19 +183,8 @@ def test_compiled_compressed_training_equals_eager_with_native_products():
         for layer in sp.layers:
             layer.compressed.plan = (Plan("native", "native", "native", reason="forced") if
                                      isinstance(layer.module, nn.Linear) else ConvPlan("native", "native", "native"))
-        net = torch.compile(model, backend="aot_eager") if compiled else model
-        g = torch.Generator().manual_seed(1)
-        losses = []
-        for _ in range(4):
-            x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
+        return fresh_steps(torch.compile(model, backend="aot_eager") if compiled else model, opt, steps=4)
 
-    torch._dynamo.reset()
     assert run(True) == pytest.approx(run(False), abs=1e-5)
 
 
