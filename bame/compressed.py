@@ -156,8 +156,7 @@ class CompressedNM(Slots, nn.Module):
             self.dense_grad = grad.clone() if self.dense_grad is None else self.dense_grad.add_(grad)
             return
         self._check_one_backward()
-        blocks = to_blocks(grad, self.m, "cin").contiguous()  # (K, M)
-        self.compact = (blocks.gather(1, self.indices.long()), *top_pruned(blocks, self.indices, self.n))
+        self.compact = self._compact(to_blocks(grad, self.m, "cin").contiguous(), self.indices)
 
     def stash_product(self, dy: Tensor, x: Tensor) -> Tensor:
         """A Linear layer's compact update gradient from ``dY (T, out)`` and ``X (T, in)``: the dense product
@@ -171,10 +170,13 @@ class CompressedNM(Slots, nn.Module):
         parts = []
         for r0 in range(0, out, rows):
             blocks = (dy[:, r0:r0 + rows].t() @ x).reshape(-1, self.m)  # (rows * per_row, M)
-            slots = self.indices[r0 * per_row:(r0 + rows) * per_row]
-            parts.append((blocks.gather(1, slots.long()), *top_pruned(blocks, slots, self.n)))
+            parts.append(self._compact(blocks, self.indices[r0 * per_row:(r0 + rows) * per_row]))
         self.compact = tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[assignment]
         return self.compact[0].clone()  # the values' gradient: AMP's unscaling and clipping change it in place
+
+    def _compact(self, blocks: Tensor, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(K, M)`` gradient blocks held by ``slots`` as ``(kept, pruned positions, pruned gradients)``."""
+        return blocks.gather(1, slots.long()), *top_pruned(blocks, slots, self.n)
 
     def _check_one_backward(self) -> None:
         if self.compact is not None:
