@@ -12,9 +12,14 @@ The targets of the torch.compile issue, measured on torchvision's ResNet-18 (32x
 
 Each (model, batch) runs its candidates interleaved (:func:`common.time_round_robin`), median of ``--repeats``
 after ``--warmup`` rounds (the first compiled calls compile). The A/A line (``dense again``: a second copy of
-the dense model) is the run's noise floor.
+the dense model) is the run's noise floor. The inference candidates run in a round robin of their own
+(``--inference-repeats``, 41 by default): the squashed model computes with the attached model's very tensors
+(:func:`share_tensors`), so that their ratio measures code; ``squashed again`` (the same tensors) is the
+inference A/A line and ``squashed copy`` (tensors of its own) shows what where the weights landed in memory
+does by itself.
 
     python benchmarks/bench_overhead.py --repeats 10 --out results/bench_overhead.json
+    python benchmarks/bench_overhead.py --models resnet18,vit_tiny --parts inference --out results/inference.json
     python benchmarks/bench_overhead.py --quick --out /tmp/bench_overhead.json
 """
 
@@ -46,9 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds (compilation happens here)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend ('none': skip compiled)")
     ap.add_argument("--nm", default="2:4")
+    ap.add_argument("--parts", default="train,inference", help="comma-separated: train, inference")
+    ap.add_argument("--inference-repeats", type=int, default=41,
+                    help="timed rounds of the inference candidates (their own round robin: a batch-8 forward "
+                         "varies by about 5%% from round to round on a shared host)")
     args = ap.parse_args(argv)
     if args.quick:
         args.batches, args.repeats, args.warmup = "2", min(args.repeats, 2), 1
+        args.inference_repeats = min(args.inference_repeats, 2)
     return args
 
 
@@ -104,42 +114,70 @@ def inference(net: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
+def share_tensors(squashed: nn.Module, attached: nn.Module) -> None:
+    """Make ``squashed`` compute with ``attached``'s very tensors: a sparse layer's raw weight (exactly zero
+    where pruned in BAME's evolution phase, so equal to the squashed ``W * B``: checked), every other
+    parameter and every buffer. Two separately allocated copies of one model differ by up to 6% at batch 8
+    on this machine (where their weights landed in memory); sharing the tensors leaves only the code."""
+    own = dict(attached.named_parameters()) | dict(attached.named_buffers())
+    for name, tensor in list(squashed.named_parameters()) + list(squashed.named_buffers()):
+        module_name, _, leaf = name.rpartition(".")
+        raw = own.get(f"{module_name}.parametrizations.{leaf}.original", own[name] if name in own else None)
+        if raw is None or not torch.equal(raw, tensor):
+            raise SystemExit(f"bench_overhead: {name} of the squashed model differs from the attached model's")
+        tensor.data = raw.data  # the same storage (the Parameter object stays)
+
+
+def inference_candidates(base: nn.Module, x: torch.Tensor, nm: str) -> dict[str, Callable[[], None]]:
+    """A model attached to its sparsifier (BAME's masks, eval) against the same model squashed."""
+    attached, squashed, again, copied = (copy.deepcopy(base).eval() for _ in range(4))
+    for model in (attached, squashed, again, copied):  # the same weights, so the same masks
+        sp = bame.sparsify(model, None, "bame", nm, total_steps=common.TOTAL_STEPS, verbose=False,
+                           **common.EVOLUTION)
+        sp.step_count = common.DELTA_T + 1
+        sp.prepare(sp.step_count)
+        if model is not attached:
+            sp.squash()
+    for model in (squashed, again):
+        share_tensors(model, attached)
+    return {"infer attached": inference(attached, x), "infer squashed": inference(squashed, x),
+            "infer squashed again": inference(again, x),  # the A/A: the same tensors, the same code
+            "infer squashed copy": inference(copied, x)}  # the same code on tensors of its own
+
+
 def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     base = build(name, args.quick)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
     cands: dict[str, Callable[[], None]] = {}
     sparsifiers = []
-    modes = [("eager", None)] + ([("compiled", args.backend)] if args.backend != "none" else [])
+    parts = {p.strip() for p in args.parts.split(",")}
+    modes = ([("eager", None)] + ([("compiled", args.backend)] if args.backend != "none" else [])
+             if "train" in parts else [])
     for mode, backend in modes:
         for label, sparse in (("dense", False), ("bame", True)):
             net, opt, sp = trainee(base, sparse, args.nm, backend)
             cands[f"{mode} {label}"] = train_step(net, opt, sp, x, y)
             if sp is not None:
                 sparsifiers.append(sp)
-    net, opt, sp = trainee(base, False, args.nm, None)
-    cands["eager dense again"] = train_step(net, opt, sp, x, y)  # the A/A control
-    # inference: a model attached to its sparsifier (BAME's masks, eval) against the same model squashed
-    attached, squashed, again = (copy.deepcopy(base).eval() for _ in range(3))
-    for model in (attached, squashed, again):  # the same weights, so the same masks
-        sp = bame.sparsify(model, None, "bame", args.nm, total_steps=common.TOTAL_STEPS, verbose=False,
-                           **common.EVOLUTION)
-        sp.step_count = common.DELTA_T + 1
-        sp.prepare(sp.step_count)
-        if model is not attached:
-            sp.squash()
-    cands["infer attached"] = inference(attached, x)
-    cands["infer squashed"] = inference(squashed, x)
-    cands["infer squashed again"] = inference(again, x)  # the inference A/A: two squashed copies
-    common.log(f"{name} batch {batch}: {len(cands)} candidates")
+    if modes:
+        net, opt, sp = trainee(base, False, args.nm, None)
+        cands["eager dense again"] = train_step(net, opt, sp, x, y)  # the A/A control
+    infer = inference_candidates(base, x, args.nm) if "inference" in parts else {}
+    common.log(f"{name} batch {batch}: {len(cands)} training and {len(infer)} inference candidates")
     load = list(os.getloadavg())
     samples = common.time_round_robin(cands, args.repeats, args.warmup,
-                                      on_round=lambda r: [s.pop_events() for s in sparsifiers])
+                                      on_round=lambda r: [s.pop_events() for s in sparsifiers]) if cands else {}
+    if infer:
+        samples.update(common.time_round_robin(infer, args.inference_repeats, args.warmup))
     ms = {k: common.median(v) for k, v in samples.items()}
     ratios = {f"{mode} bame/dense": ms[f"{mode} bame"] / ms[f"{mode} dense"] for mode, _ in modes}
-    ratios["A/A eager dense again/dense"] = ms["eager dense again"] / ms["eager dense"]
-    ratios["inference attached/squashed"] = ms["infer attached"] / ms["infer squashed"]
-    ratios["A/A inference squashed again/squashed"] = ms["infer squashed again"] / ms["infer squashed"]
+    if modes:
+        ratios["A/A eager dense again/dense"] = ms["eager dense again"] / ms["eager dense"]
+    if "inference" in parts:
+        ratios["inference attached/squashed"] = ms["infer attached"] / ms["infer squashed"]
+        ratios["A/A inference squashed again/squashed"] = ms["infer squashed again"] / ms["infer squashed"]
+        ratios["placement: squashed copy/squashed"] = ms["infer squashed copy"] / ms["infer squashed"]
     return {"model": name, "batch": batch, "ms": ms, "samples_ms": samples, "ratios": ratios,
             "loadavg": {"before": load, "after": list(os.getloadavg())}}
 
@@ -153,6 +191,8 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 value = rec["ratios"][key]
                 out.append({"target": f"{rec['model']} batch {batch} {mode} BAME ordinary step <= {limit}x dense",
                             "value": value, "limit": limit, "pass": bool(value <= limit)})
+        if "inference attached/squashed" not in rec["ratios"]:
+            continue
         value = rec["ratios"]["inference attached/squashed"]
         out.append({"target": f"{rec['model']} batch {rec['batch']} attached inference <= {INFERENCE_TARGET}x "
                               "squashed", "value": value, "limit": INFERENCE_TARGET,
@@ -167,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                for b in args.batches.split(",") if b.strip()]
     record = {"benchmark": "bench_overhead", "machine": common.machine_info(),
               "config": {"models": args.models, "batches": args.batches, "repeats": args.repeats,
-                         "warmup": args.warmup, "backend": args.backend, "nm": args.nm, "quick": args.quick},
+                         "warmup": args.warmup, "backend": args.backend, "nm": args.nm, "quick": args.quick,
+                         "parts": args.parts, "inference_repeats": args.inference_repeats},
               "results": results, "targets": targets(results)}
     record["bame_source_end"] = common.check_source(record["machine"]["bame_source"])
     common.write_json(args.out, record)

@@ -131,11 +131,59 @@ def test_bench_overhead(tmp_path):
     assert [(r["model"], r["batch"]) for r in record["results"]] == [("resnet18", 2), ("vit_tiny", 2)]
     for rec in record["results"]:
         assert set(rec["ms"]) == {"eager dense", "eager bame", "compiled dense", "compiled bame", "eager dense again",
-                                  "infer attached", "infer squashed", "infer squashed again"}
+                                  "infer attached", "infer squashed", "infer squashed again",
+                                  "infer squashed copy"}
         assert set(rec["ratios"]) == {"eager bame/dense", "compiled bame/dense", "A/A eager dense again/dense",
-                                      "inference attached/squashed", "A/A inference squashed again/squashed"}
+                                      "inference attached/squashed", "A/A inference squashed again/squashed",
+                                      "placement: squashed copy/squashed"}
     # quick mode times batch 2: only the inference targets apply
     assert [t["target"].split(" attached")[0] for t in record["targets"]] == ["resnet18 batch 2", "vit_tiny batch 2"]
+
+
+def test_bench_overhead_inference_part_alone(tmp_path):
+    record = run("bench_overhead", tmp_path, "--models", "vit_tiny", "--parts", "inference")
+    (rec,) = record["results"]
+    assert set(rec["ms"]) == {"infer attached", "infer squashed", "infer squashed again", "infer squashed copy"}
+    assert len(rec["samples_ms"]["infer attached"]) == 2 and record["config"]["inference_repeats"] == 2
+    assert [t["target"] for t in record["targets"]] == ["vit_tiny batch 2 attached inference <= 1.02x squashed"]
+
+
+def test_share_tensors_leaves_only_the_code_different():
+    import copy
+
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_overhead import build, inference_candidates, share_tensors
+    finally:
+        sys.path.remove(str(BENCH))
+    import bame
+
+    base = build("resnet18", quick=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert set(inference_candidates(base, x, "2:4")) == {"infer attached", "infer squashed", "infer squashed again",
+                                                         "infer squashed copy"}
+    attached, squashed, other = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    for model in (attached, squashed, other):
+        sp = bame.sparsify(model, None, "bame", "2:4", total_steps=10**9, t_i=0, t_f=10**9, delta_t=100,
+                           verbose=False)
+        sp.step_count = 101
+        sp.prepare(101)
+        if model is not attached:
+            sp.squash()
+    before = {k: v.data_ptr() for k, v in squashed.state_dict().items()}
+    share_tensors(squashed, attached)
+    own = {t.data_ptr() for t in list(attached.parameters()) + list(attached.buffers())}
+    shared = [k for k, v in squashed.state_dict().items() if v.data_ptr() in own]
+    assert shared == list(before) and all(before[k] != squashed.state_dict()[k].data_ptr() for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(squashed(x), attached(x), rtol=0, atol=0)
+    # a squashed model whose weights differ from the attached one's is refused, not silently shared
+    with torch.no_grad():
+        other.layer1[0].conv1.weight.add_(1.0)
+    with pytest.raises(SystemExit, match="layer1.0.conv1.weight"):
+        share_tensors(other, attached)
 
 
 def test_bench_gpu_plumbing_on_the_cpu(tmp_path):
