@@ -69,6 +69,7 @@ class SparseLayer:
         self.state_names: list[str] = []
         self.bwd_note: str | None = None  # why a wanted backward mask is not used on this layer
         self.kernel_note: str | None = None  # which products run sparse kernels (kernel="sparse")
+        self.kernel: Any = None  # the dense-storage sparse kernels' state (bame.kernels.attach), if attached
         self.storage_note: str | None = None  # why the layer stays in dense storage under storage="compressed"
         # Statistics of recorded selections (updates, flips), see Sparsifier.commit. Flips of per-iteration
         # re-selections stay on the device until read (``flips``).
@@ -459,6 +460,8 @@ class Sparsifier:
             perm = self.method.backward_perm(layer)
             layer.par.set_bwd_mask(backward_mask(layer.weight, layer.mask, self.n, self.m, perm))
         self.method.refresh(t, layer)
+        if layer.kernel is not None:  # after the method's refresh: the masks and scales of iteration t
+            layer.kernel.refresh(t)
 
     def _compact_update_gradient(self) -> bool:
         """Whether compressed layers keep only a compact update gradient this iteration: the method reads no

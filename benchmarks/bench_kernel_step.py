@@ -9,6 +9,9 @@ copy from the same initial weights:
 * ``dense``: the plain model, no sparsifier.
 * ``<method>/masked``: ``bame.sparsify(..., kernel="dense")`` (masked dense products).
 * ``<method>/sparse``: ``bame.sparsify(..., kernel="sparse")`` (the planned N:M kernels).
+* with ``--compile``: ``dense/compiled`` and ``<method>/sparse/compiled``, the same models under
+  ``torch.compile`` (inductor), whose graphs call the kernels as the ``bame::compressed_linear`` operator
+  (ordinary steps only).
 
 A sample is one whole step: ``zero_grad(set_to_none=True)``, forward, loss, backward, ``optimizer.step()``
 (the sparsifier's hooks included). For ``bame`` the ordinary step and the mask-update step
@@ -17,6 +20,7 @@ separately and amortised at delta_t = 100. Everything runs interleaved (:func:`c
 median of ``--repeats`` after the warm-up (which also times every layer's plan), ratios paired per round.
 
     python benchmarks/bench_kernel_step.py --patterns 1:16,1:4 --repeats 10 --out results/bench_kernel_step.json
+    python benchmarks/bench_kernel_step.py --patterns 1:16 --compile --repeats 9 --out results/kernel_step_compiled.json
     python benchmarks/bench_kernel_step.py --quick --out /tmp/bench_kernel_step.json
 """
 
@@ -55,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32, help="tokens per sample (tokens = batch x seq)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--compile", action="store_true", help="also time compiled dense and compiled sparse steps")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend of --compile")
     args = ap.parse_args(argv)
     if not args.methods:
         args.methods = "static,bame"
@@ -81,7 +87,7 @@ def make(base: nn.Module, method: str | None, nm: str, kernel: str, fused: bool 
     return model, opt, sp
 
 
-def step_fn(model: nn.Module, opt: Any, sp: Any, x: torch.Tensor, target: torch.Tensor,
+def step_fn(model: Callable[..., Any], opt: Any, sp: Any, x: torch.Tensor, target: torch.Tensor,
             t: int | None) -> Callable[[], None]:
     """One whole training step; ``t`` (harness only) is what ``sparsifier.step_count`` is set to first."""
 
@@ -96,6 +102,12 @@ def step_fn(model: nn.Module, opt: Any, sp: Any, x: torch.Tensor, target: torch.
 
 
 def run_pattern(nm: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    if args.compile:
+        # every compiled model of a pattern is another instance of one class, each with its graphs (a phase,
+        # the plans chosen): more cache entries of one code object than dynamo's default limit, which a
+        # single trained model never reaches
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch.manual_seed(0)
     base = build_model(args.dim, args.hidden, args.depth)
     g = torch.Generator().manual_seed(1)
@@ -115,6 +127,14 @@ def run_pattern(nm: str, names: list[str], args: argparse.Namespace) -> dict[str
                 model_u, opt_u, sp_u = make(base, name, nm, kernel, args.fused_sgd)
                 sparsifiers[f"{name}/{label}/update"] = sp_u
                 cands[f"{name}/{label}/update"] = step_fn(model_u, opt_u, sp_u, x, target, h.update_t)
+        if args.compile:
+            model, opt, sp = make(base, name, nm, "sparse", args.fused_sgd)
+            sparsifiers[f"{name}/sparse/compiled"] = sp
+            net = torch.compile(model, backend=args.backend)
+            cands[f"{name}/sparse/compiled"] = step_fn(net, opt, sp, x, target, h.ordinary_t)
+    if args.compile:
+        model, opt, _ = make(base, None, nm, "dense", args.fused_sgd)
+        cands["dense/compiled"] = step_fn(torch.compile(model, backend=args.backend), opt, None, x, target, None)
     load_before = list(os.getloadavg())
     common.log(f"{nm}: {len(cands)} candidates x {args.warmup + args.repeats} rounds")
     samples = common.time_round_robin(cands, args.repeats, args.warmup,
@@ -122,9 +142,11 @@ def run_pattern(nm: str, names: list[str], args: argparse.Namespace) -> dict[str
     dense = samples["dense"]
     rec: dict[str, Any] = {"dense_ms": common.median(dense), "variants": {}, "samples_ms": samples,
                            "loadavg": {"before": load_before, "after": list(os.getloadavg())}}
+    if args.compile:
+        rec["dense_compiled_ms"] = common.median(samples["dense/compiled"])
     for name in names:
         h = common.harness_for(name)
-        for label in ("masked", "sparse"):
+        for label in ("masked", "sparse") + (("sparse/compiled",) if args.compile else ()):
             key = f"{name}/{label}"
             ordi = samples[key]
             v: dict[str, Any] = {
@@ -134,11 +156,13 @@ def run_pattern(nm: str, names: list[str], args: argparse.Namespace) -> dict[str
                 "update_ms": None,
             }
             amortised = v["ordinary_ms"]
-            if h.update_t is not None:
+            if h.update_t is not None and f"{key}/update" in samples:
                 v["update_ms"] = common.median(samples[f"{key}/update"])
                 amortised = ((common.DELTA_T - 1) * v["ordinary_ms"] + v["update_ms"]) / common.DELTA_T
             v["amortised_ms"] = amortised
             v["amortised_speedup"] = common.median(dense) / amortised
+            if label == "sparse/compiled":
+                v["compiled_dense_speedup"] = rec["dense_compiled_ms"] / v["ordinary_ms"]
             if label == "sparse":
                 v["layers"] = {r["name"]: r["kernel"] for r in sparsifiers[key].layer_report() if r["sparse"]}
             rec["variants"][key] = v
@@ -151,7 +175,8 @@ def print_tables(result: dict[str, Any]) -> None:
           f"{c['dim']}->{c['hidden']}->{c['dim']}  tokens {c['tokens']}  repeats {c['repeats']}  "
           f"native kernels: {c['native']}  optimizer: {'SGD(fused=True)' if c.get('fused_sgd') else 'SGD'}")
     for nm, rec in result["patterns"].items():
-        print(f"\n{nm}: dense {rec['dense_ms']:.1f} ms/step (median)")
+        compiled = f", compiled {rec['dense_compiled_ms']:.1f}" if "dense_compiled_ms" in rec else ""
+        print(f"\n{nm}: dense {rec['dense_ms']:.1f}{compiled} ms/step (median)")
         rows = []
         for key, v in rec["variants"].items():
             iqr = v["ordinary_speedup_paired_iqr"]
@@ -178,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {"dim": args.dim, "hidden": args.hidden, "depth": args.depth, "batch": args.batch,
                    "seq": args.seq, "tokens": args.batch * args.seq, "repeats": args.repeats,
                    "warmup": args.warmup, "fused_sgd": args.fused_sgd, "quick": args.quick, "methods": names,
+                   "compile": args.backend if args.compile else None,
                    "delta_t": common.DELTA_T,
                    "lr": common.LR, "momentum": common.MOMENTUM, "weight_decay": common.WEIGHT_DECAY,
                    "native": "available" if native.available() else native.unavailable_reason()},

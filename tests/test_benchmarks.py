@@ -91,6 +91,17 @@ def test_bench_kernel_step(tmp_path):
         ("1:16", "static"), ("1:16", "bame"), ("1:4", "static"), ("1:4", "bame")}
 
 
+def test_bench_kernel_step_compiled(tmp_path):
+    record = run("bench_kernel_step", tmp_path, "--patterns", "1:16", "--methods", "static", "--compile",
+                 "--backend", "aot_eager")
+    assert record["config"]["compile"] == "aot_eager"
+    rec = record["patterns"]["1:16"]
+    assert set(rec["variants"]) == {"static/masked", "static/sparse", "static/sparse/compiled"}
+    compiled = rec["variants"]["static/sparse/compiled"]
+    assert rec["dense_compiled_ms"] > 0 and compiled["update_ms"] is None
+    assert compiled["compiled_dense_speedup"] == pytest.approx(rec["dense_compiled_ms"] / compiled["ordinary_ms"])
+
+
 def test_bench_kernels(tmp_path):
     out = tmp_path / "bench_kernels.json"
     cmd = [sys.executable, str(BENCH / "bench_kernels.py"), "--shapes", "64x128", "--patterns", "1:16,2:4",

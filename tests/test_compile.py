@@ -9,6 +9,7 @@ layers switch to compressed storage (the modules change once).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -186,6 +187,88 @@ def test_compiled_compressed_training_equals_eager_with_native_products():
         return fresh_steps(torch.compile(model, backend="aot_eager") if compiled else model, opt, steps=4)
 
     assert run(True) == pytest.approx(run(False), abs=1e-5)
+
+
+def _native_plans(monkeypatch) -> None:
+    """Every dense-storage sparse-kernel layer plans the native products (as the timing would on larger layers)."""
+    from bame import native
+    from bame.kernels import attach
+    from bame.kernels.plan import Plan
+
+    if not native.available():
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    monkeypatch.setattr(attach, "choose_plan", lambda *args, **kwargs: Plan("native", "native", "native",
+                                                                             reason="forced"))
+
+
+@pytest.mark.parametrize("method, options", [("static", {}), ("bame", {"t_i": 3, "delta_t": 2})])
+def test_dense_storage_sparse_kernels_are_operators_in_the_graph(monkeypatch, method, options):
+    """``kernel="sparse"`` in dense storage, compiled: once a layer's plan is chosen (timed eagerly after the
+    first compiled step, which runs the masked products), its products are the bame::compressed_linear
+    operator in the graph, with the losses of the eager kernels; BAME's gradual phase and update iterations
+    run the masked products (one graph each, compiled once). Never a graph break."""
+    _native_plans(monkeypatch)
+
+    def run(compiled: bool) -> tuple[list[float], Any]:
+        model = cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = bame.sparsify(model, opt, method, "1:16", total_steps=STEPS * 2, verbose=False, kernel="sparse",
+                           layer_filter=lambda name, module: name != "0", **options)
+        return fresh_steps(torch.compile(model, backend="aot_eager") if compiled else model, opt), (model, sp)
+
+    eager, _ = run(False)
+    compiled, (model, sp) = run(True)
+    assert compiled == pytest.approx(eager, abs=1e-6)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    # a graph per kind of phase, one more for the operators once the plans exist, one for BAME's updates
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= phase_kinds(sp) + 2
+    kernels = [layer.kernel for layer in sp.layers if layer.kernel is not None]
+    assert len(kernels) == 3 and all(kernel.plan is not None for kernel in kernels)  # 1x1 conv, 2 Linear
+    # steady state: more steps (BAME: ordinary and update iterations) compile nothing new and never break
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    net, opt = torch.compile(model, backend="aot_eager"), sp.optimizer
+    for _ in range(4):
+        loss = F.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.randint(0, 10, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not counters["graph_break"] and not counters["stats"]["unique_graphs"]
+    t = sp.step_count
+    assert not sp.plan(t).dense_wgrad and all(kernel.traced for kernel in kernels)
+    breaks, ops = _graph_breaks(model, torch.randn(4, 3, 8, 8))
+    assert breaks == 0 and [op.removesuffix(".default") for op in ops] == ["bame.slot_values",
+                                                                          "bame.compressed_linear"] * 3
+    if method == "bame":  # an update iteration needs the dense weight gradient: the masked products
+        sp.step_count = max(u for u in range(STEPS * 2) if sp.plan(u).dense_wgrad)  # harness
+        sp.prepare(sp.step_count)
+        assert sp.plan(sp.step_count).dense_wgrad and not any(kernel.traced for kernel in kernels)
+        assert _graph_breaks(model, torch.randn(4, 3, 8, 8)) == (0, [])
+
+
+def test_kernel_slots_follow_the_mask_in_place():
+    """The operator's slots are the kept entries' in-block positions, refreshed in place at a mask change;
+    a block keeping more than N (not N:M yet) turns the operator off."""
+    model = nn.Sequential(nn.Linear(8, 2), nn.ReLU(), nn.Linear(2, 2))  # the last one: the head, dense
+    sp = bame.sparsify(model, torch.optim.SGD(model.parameters(), lr=0.1), "static", "2:4", verbose=False,
+                       kernel="sparse")
+    (layer,) = sp.layers
+    kernel = layer.kernel
+    with torch.no_grad():
+        layer.mask.copy_(torch.tensor([[0, 1, 1, 0, 1, 0, 0, 1], [1, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.bool))
+    kernel.refresh(sp.step_count)
+    positions = kernel.positions
+    assert kernel.traced and positions.dtype == torch.uint8
+    assert [sorted(block) for block in positions.tolist()] == [[1, 2], [0, 3], [0, 1], [2, 3]]
+    with torch.no_grad():
+        layer.mask[0, 0] = True  # three kept in the first block
+    kernel.refresh(sp.step_count)
+    assert not kernel.traced
+    with torch.no_grad():
+        layer.mask[0, :4] = torch.tensor([True, False, False, True])
+    kernel.refresh(sp.step_count)
+    assert kernel.traced and kernel.positions is positions  # the same tensor, updated
+    assert sorted(positions[0].tolist()) == [0, 3]
 
 
 #: Options that make every method change its masks (or scales) within STEPS iterations.

@@ -92,3 +92,23 @@ def test_strided_conv_operator_runs_dense_products():
                                        "dense", "dense", "dense")
     assert torch.allclose(y, F.conv2d(x, dense, None, 2, 1), atol=1e-5)
 
+
+
+@pytest.mark.parametrize("shape, n, m", [((8, 16), 2, 4), ((6, 32, 1, 1), 1, 16)])
+def test_slot_values_and_their_gradient(shape, n, m):
+    """A dense weight's values at the slots, and back: the gradient of the values lands at the slots only."""
+    torch.manual_seed(0)
+    k = torch.Size(shape).numel() // m
+    positions = torch.stack([torch.randperm(m)[:n] for _ in range(k)]).to(torch.uint8)
+    weight = torch.randn(shape, requires_grad=True)
+    torch.library.opcheck(torch.ops.bame.slot_values.default, (weight, positions))
+    values = torch.ops.bame.slot_values(weight, positions)
+    blocks = weight.detach().reshape(k, m)
+    assert torch.equal(values, torch.stack([blocks[i, positions[i].long()] for i in range(k)]))
+    grad = torch.randn(k, n)
+    (gw,) = torch.autograd.grad(values, weight, grad)
+    expected = torch.zeros(k, m)
+    for i in range(k):
+        expected[i, positions[i].long()] = grad[i]
+    assert torch.equal(gw, expected.reshape(shape))
+    torch.library.opcheck(torch.ops.bame.slot_scatter.default, (grad, positions, list(shape)))

@@ -9,6 +9,16 @@ Numerically nothing changes: the kernels compute ``x (W*B)^T``, ``dY (W*B_bwd)``
 gradient (at kept entries, or dense on the iterations where the method declares a dense weight
 gradient) exactly as the masked-dense path does, within float tolerance. The packed structure is rebuilt
 only when a layer's mask changes (tracked by the mask tensor's in-place version counter).
+
+Under ``torch.compile`` the products are the custom operator ``bame::compressed_linear``
+(:mod:`bame.kernels.ops`), called with the effective weight's values at the slots of the mask
+(``bame::slot_values``, whose gradient is the weight gradient at the kept entries, zero elsewhere): the
+graph calls the kernels without a break. Which iterations may do so is decided eagerly, before each iteration
+(:meth:`_LayerKernel.refresh`, from the sparsifier's ``prepare``), into one flag a graph is guarded on:
+iterations whose masks may still change within the step, that need the dense weight gradient (BAME's
+updates) or that have a backward mask run the masked-dense products in the graph instead (a second graph,
+compiled once). A compiled layer without a plan yet runs the masked products and records its input's size;
+the plan is then chosen (timed) eagerly before the next iteration, which compiles once more. No graph break.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from bame.kernels import ops  # noqa: F401  (registers torch.ops.bame.*)
 from bame.kernels.linear import NMLinearFunction
 from bame.kernels.packed import pack
 from bame.kernels.plan import Plan, choose_plan
@@ -46,6 +57,46 @@ class _LayerKernel:
         self.packed: Any = None
         self.packed_bwd: Any = None
         self.versions: tuple[int, int] = (-1, -1)
+        #: Set eagerly before each iteration (:meth:`refresh`): a compiled forward calls the operator.
+        self.traced = False
+        #: uint8 ``(K, N)`` in-block positions of the mask's kept entries (the operator's slots), updated in
+        #: place when the mask changes; ``positions_version`` is the mask version they were taken from.
+        self.positions: torch.Tensor | None = None
+        self.positions_version = -1
+        #: ``(tokens, dtype, device)`` of a compiled forward's input while the layer has no plan yet
+        self.input_seen: tuple[int, torch.dtype, torch.device] | None = None
+
+    def refresh(self, t: int) -> None:
+        """Before iteration t: whether a compiled forward calls the products as an operator (the mask is
+        final and N:M, no dense weight gradient, no backward mask or soft scale, a sparse plan or none yet),
+        and the slots of the current mask."""
+        par = self.layer.par
+        if getattr(par.forward_impl, "__self__", None) is not self:  # the layer left dense storage
+            self.traced = False
+            return
+        if self.plan is None and self.input_seen is not None:  # a compiled forward ran: time the plan now
+            self._choose_plan(*self.input_seen)
+        self.traced = (self.sparsifier.method.mask_is_final(t) and not self.sparsifier.plan(t).dense_wgrad
+                       and par.bwd_mask is None and par.scale is None and self.layer.group_axis == "cin"
+                       and (self.plan is None or not self.plan.is_dense) and self._refresh_positions())
+
+    def _refresh_positions(self) -> bool:
+        """The kept entries' in-block positions (False where a block keeps more than N: not N:M yet)."""
+        mask, n, m = self.layer.par.mask, self.layer.n, self.layer.m
+        if mask._version == self.positions_version and self.positions is not None:
+            return True
+        blocks = mask.reshape(-1, m)  # Linear (out, in) and 1x1 conv (out, in, 1, 1): blocks along in
+        if bool((blocks.sum(1) > n).any()):
+            return False
+        # the kept positions first (a block keeping fewer than N adds pruned ones: their values are zero)
+        order = torch.sort(blocks.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n]
+        positions = order.to(torch.uint8).contiguous()
+        if self.positions is None or self.positions.shape != positions.shape:
+            self.positions = positions
+        else:
+            self.positions.copy_(positions)  # in place: a compiled graph keeps reading the same tensor
+        self.positions_version = mask._version
+        return True
 
     def _repack(self) -> bool:
         """Pack the forward (and backward) mask when they changed; False if the mask is not N:M."""
@@ -63,8 +114,33 @@ class _LayerKernel:
         return self.packed is not None
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the compiled masked products (fused): the kernels are eager code
-            return default_forward(module, x)
+        if torch.compiler.is_compiling():
+            if self.traced and self.plan is None:  # timed eagerly before the next iteration (refresh)
+                self.input_seen = (x.numel() // self.layer.shape[1], x.dtype, x.device)
+            if not self.traced or self.plan is None:  # the compiled masked products (fused)
+                return default_forward(module, x)
+            return self._operator(module, x)
+        return self._eager(module, x)
+
+    def _choose_plan(self, tokens: int, dtype: torch.dtype, device: torch.device) -> None:
+        out, in_ = self.layer.shape[0], self.layer.shape[1]
+        with torch.enable_grad():  # also from the optimizer's step hook: the timing runs backwards
+            self.plan = choose_plan(out, in_, self.layer.n, self.layer.m, tokens, dtype, device,
+                                    repeats=self.repeats)
+        self.layer.kernel_note = self.plan.reason
+
+    def _operator(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The products as ``bame::compressed_linear``, on the effective weight's values at the slots."""
+        layer, plan = self.layer, self.plan
+        is_conv = isinstance(module, nn.Conv2d)
+        tokens = x.permute(0, 2, 3, 1) if is_conv else x  # (..., in)
+        positions = self.positions
+        values = torch.ops.bame.slot_values(module.weight, positions)  # (K, N); gradient: zero elsewhere
+        y = torch.ops.bame.compressed_linear(tokens, values, positions, module.bias, None, layer.shape[0],
+                                             layer.shape[1], layer.n, layer.m, plan.fwd, plan.dx, plan.dw)
+        return y.permute(0, 3, 1, 2) if is_conv else y
+
+    def _eager(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         t = self.sparsifier.step_count
         sink = self.layer.par.kernel_grad_sink()  # only this forward's backward may vouch for the gradient
         is_conv = isinstance(module, nn.Conv2d)
@@ -72,10 +148,7 @@ class _LayerKernel:
             return default_forward(module, x)
         tokens = x.permute(0, 2, 3, 1) if is_conv else x  # (..., in)
         if self.plan is None:
-            out, in_ = self.layer.shape[0], self.layer.shape[1]
-            self.plan = choose_plan(out, in_, self.layer.n, self.layer.m, tokens.numel() // in_, tokens.dtype,
-                                    tokens.device, repeats=self.repeats)
-            self.layer.kernel_note = self.plan.reason
+            self._choose_plan(tokens.numel() // self.layer.shape[1], tokens.dtype, tokens.device)
         if self.plan.is_dense:
             return default_forward(module, x)
         dense_wgrad = self.sparsifier.plan(t).dense_wgrad  # the method needs the dense G this step
@@ -99,6 +172,8 @@ def enable_sparse_kernels(sparsifier: Sparsifier, repeats: int = 5) -> dict[str,
         else:
             kernel = _LayerKernel(layer, sparsifier, repeats)
             layer.par.forward_impl = kernel.forward
+            layer.kernel = kernel
+            kernel.refresh(sparsifier.step_count)
             layer.kernel_note = "sparse kernels: plan chosen at the first forward"
         notes[layer.name] = layer.kernel_note
     return notes

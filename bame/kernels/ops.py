@@ -9,13 +9,17 @@ for tracing) and an autograd formula, each product is one node of the graph:
   ``(K, N)``, uint8 in-block positions ``(K, N)``), each product by the formulation its plan names
   (``"dense"``, ``"native"``, ``"chunked"``, ...; :mod:`bame.kernels.plan`);
 * ``bame::compressed_conv`` and ``bame::compressed_conv_backward``: the same for a convolution
-  (:mod:`bame.kernels.conv`; ``"dense"`` or ``"native"`` per product).
+  (:mod:`bame.kernels.conv`; ``"dense"`` or ``"native"`` per product);
+* ``bame::slot_values`` and its backward ``bame::slot_scatter``: a dense weight's values at the slots
+  (N:M blocks along its rows), for the sparse kernels of layers stored dense (:mod:`bame.kernels.attach`):
+  one gather forward and one scatter backward, which a compiler would otherwise lower to a sort.
 
 The operators compute the products only. An iteration on which the method needs the dense weight gradient
 (BAME's mask updates, one per ``delta_t``) runs the layer eagerly instead (:mod:`bame.compressed`), because
 that gradient is handed to the storage, a side effect a graph cannot hold.
 """
 
+import math
 from typing import Any
 
 import torch
@@ -25,11 +29,18 @@ from bame.kernels.compressed import conv_backward_product, conv_forward_product,
 from bame.kernels.conv import ConvPlan
 from bame.kernels.slots import SlotStructure
 
-__all__ = ["compressed_conv", "compressed_linear"]
+__all__ = ["compressed_conv", "compressed_linear", "slot_scatter", "slot_values"]
 
 
 def _slots(shape: list[int], n: int, m: int, indices: Tensor, bwd_keep: Tensor | None) -> SlotStructure:
-    return SlotStructure(tuple(shape), n, m, indices, bwd_keep)
+    """The slot structure of ``indices``, kept on that tensor object between calls: its derived structures
+    (absolute columns, the transposed order some formulations read: a sort) are rebuilt only when the
+    indices change in place (their version), not at every call of an operator."""
+    slots = getattr(indices, "_bame_slots", None)
+    if slots is None or slots.shape != tuple(shape) or (slots.n, slots.m) != (n, m) or slots.bwd_keep is not bwd_keep:
+        slots = SlotStructure(tuple(shape), n, m, indices, bwd_keep)
+        indices._bame_slots = slots  # a reference cycle with the tensor: freed together
+    return slots
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -141,3 +152,44 @@ def compressed_conv_backward(grad: Tensor, x: Tensor, values: Tensor, indices: T
 compressed_conv_backward.register_fake(_fake_backward)
 compressed_conv.register_autograd(
     _autograd(torch.ops.bame.compressed_conv_backward, lambda grad: grad.sum(dim=(0, 2, 3))), setup_context=_setup)
+
+
+# -- a dense weight's values at the slots ------------------------------------------------------------------
+@torch.library.custom_op("bame::slot_values", mutates_args=())
+def slot_values(weight: Tensor, positions: Tensor) -> Tensor:
+    """``(K, N)``: the row-major ``weight``'s blocks of M consecutive entries (K = numel / M, M = numel / K)
+    at the in-block ``positions`` (uint8 ``(K, N)``)."""
+    return weight.detach().reshape(positions.shape[0], -1).gather(1, positions.long())
+
+
+@slot_values.register_fake
+def _(weight, positions):
+    return weight.new_empty(positions.shape)
+
+
+@torch.library.custom_op("bame::slot_scatter", mutates_args=())
+def slot_scatter(values: Tensor, positions: Tensor, shape: list[int]) -> Tensor:
+    """The inverse of ``slot_values``: a dense tensor of ``shape`` holding ``values`` at the slots, zeros
+    elsewhere."""
+    k = positions.shape[0]
+    blocks = torch.zeros(k, math.prod(shape) // k, dtype=values.dtype, device=values.device)
+    return blocks.scatter_(1, positions.long(), values).reshape(shape)
+
+
+@slot_scatter.register_fake
+def _(values, positions, shape):
+    return values.new_empty(shape)
+
+
+def _slot_values_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    weight, positions = inputs
+    ctx.save_for_backward(positions)
+    ctx.shape = list(weight.shape)
+
+
+def _slot_values_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    (positions,) = ctx.saved_tensors
+    return torch.ops.bame.slot_scatter(grad, positions, ctx.shape), None
+
+
+slot_values.register_autograd(_slot_values_backward, setup_context=_slot_values_setup)
