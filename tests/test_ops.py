@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bame import native
-from bame.kernels import ops  # noqa: F401 (registers bame::)
+from bame.kernels import ops  # registers bame::
 from bame.nm import from_blocks, kept_indices, to_blocks
 
 needs_cc = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
@@ -112,3 +112,22 @@ def test_slot_values_and_their_gradient(shape, n, m):
         expected[i, positions[i].long()] = grad[i]
     assert torch.equal(gw, expected.reshape(shape))
     torch.library.opcheck(torch.ops.bame.slot_scatter.default, (grad, positions, list(shape)))
+
+
+def test_operators_keep_the_slot_structure_of_their_indices_until_they_change():
+    """The structure derived from an indices tensor is built once per in-place change, not per call, and the
+    cache stays bounded."""
+    _, values, indices = compressed((16, 32), 1, 4, seed=5)
+    first = ops._slots([16, 32], 1, 4, indices, None)
+    assert ops._slots([16, 32], 1, 4, indices, None) is first
+    cols = first.packed(values).cols
+    assert first.packed(values).cols is cols  # derived once
+    with torch.no_grad():
+        indices.copy_((indices + 1) % 4)  # a mask change, in place
+    assert ops._slots([16, 32], 1, 4, indices, None) is first and first.packed(values).cols is not cols
+    assert ops._slots([16, 32], 1, 4, indices.clone(), None) is not first  # another tensor, another entry
+    for _ in range(ops._SLOTS_KEPT + 5):
+        ops._slots([16, 32], 1, 4, indices.clone(), None)
+    assert len(ops._SLOTS) == ops._SLOTS_KEPT
+    ops.clear_slots()
+    assert not ops._SLOTS
