@@ -14,9 +14,10 @@ Each (model, batch) runs its candidates interleaved (:func:`common.time_round_ro
 after ``--warmup`` rounds (the first compiled calls compile). The A/A line (``dense again``: a second copy of
 the dense model) is the run's noise floor. The inference candidates run in a round robin of their own
 (``--inference-repeats``, 41 by default): the squashed model computes with the attached model's very tensors
-(:func:`share_tensors`), so that their ratio measures code; ``squashed again`` (the same tensors) is the
-inference A/A line and ``squashed copy`` (tensors of its own) shows what where the weights landed in memory
-does by itself.
+(:func:`share_tensors`), so that their ratio measures code; ``squashed again`` (another module object, the
+same tensors) is the inference A/A line, and the attached model is compared with the mean of the two
+squashed ones; ``squashed copy`` (tensors of its own) shows what where the weights landed in memory does by
+itself.
 
     python benchmarks/bench_overhead.py --repeats 10 --out results/bench_overhead.json
     python benchmarks/bench_overhead.py --models resnet18,vit_tiny --parts inference --out results/inference.json
@@ -175,9 +176,12 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     if modes:
         ratios["A/A eager dense again/dense"] = ms["eager dense again"] / ms["eager dense"]
     if "inference" in parts:
-        ratios["inference attached/squashed"] = ms["infer attached"] / ms["infer squashed"]
+        # the squashed model twice (two module objects, the same tensors and code): their mean is the reference,
+        # their ratio the floor (the two differ by up to 4% at batch 8, consistently within one process)
+        squashed = (ms["infer squashed"] + ms["infer squashed again"]) / 2
+        ratios["inference attached/squashed"] = ms["infer attached"] / squashed
         ratios["A/A inference squashed again/squashed"] = ms["infer squashed again"] / ms["infer squashed"]
-        ratios["placement: squashed copy/squashed"] = ms["infer squashed copy"] / ms["infer squashed"]
+        ratios["placement: squashed copy/squashed"] = ms["infer squashed copy"] / squashed
     return {"model": name, "batch": batch, "ms": ms, "samples_ms": samples, "ratios": ratios,
             "loadavg": {"before": load, "after": list(os.getloadavg())}}
 
