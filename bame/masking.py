@@ -245,7 +245,8 @@ def is_attached(module: nn.Module) -> bool:
 
 def raw_weight(module: nn.Module) -> nn.Parameter:
     """The raw weight parameter W of a sparse module (the one the optimizer updates)."""
-    return module.parametrizations.weight.original
+    # ``module.parametrizations.weight.original`` without three ``Module.__getattr__`` calls (per layer and step)
+    return module._modules["parametrizations"]._modules["weight"]._parameters["original"]
 
 
 def parametrization(module: nn.Module) -> NMMask:

@@ -229,13 +229,13 @@ class SparseLayer:
         if grad is not None and not self.par.grad_is_masked(grad):
             grad.mul_(self.par.mask_as(grad))
 
-    @torch.no_grad()
     def apply_mask(self, optimizer_keeps_zeros: bool = False) -> None:
         """Set pruned weights to exactly zero; a no-op skipped when they are zero already and the optimizer
         keeps zero entries at zero (their gradient and state are zero there)."""
         if self.compressed is not None or (self.par.weights_pruned and optimizer_keeps_zeros):
             return
-        self.weight.mul_(self.par.mask_as(self.weight))
+        with torch.no_grad():
+            self.weight.mul_(self.par.mask_as(self.weight))
 
     def density(self) -> float:
         return int(torch.count_nonzero(self.mask)) / self.mask.numel()
@@ -455,7 +455,8 @@ class Sparsifier:
                 storage.bwd_keep.copy_(storage.gather(backward_mask(dense, layer.mask, self.n, self.m)))
             self.method.refresh(t, layer)
             return
-        layer.par.weights_pruned = step.zeroed
+        if layer.par.weights_pruned != step.zeroed:  # (a module attribute's assignment is slow: only changes)
+            layer.par.weights_pruned = step.zeroed
         if layer.has_bwd_mask:
             perm = self.method.backward_perm(layer)
             layer.par.set_bwd_mask(backward_mask(layer.weight, layer.mask, self.n, self.m, perm))

@@ -120,6 +120,7 @@ def test_operators_keep_the_slot_structure_of_their_indices_until_they_change():
     _, values, indices = compressed((16, 32), 1, 4, seed=5)
     first = ops._slots([16, 32], 1, 4, indices, None)
     assert ops._slots([16, 32], 1, 4, indices, None) is first
+    assert not indices.__dict__  # nothing kept on the tensor: a checkpoint holding it stays weights_only-loadable
     cols = first.packed(values).cols
     assert first.packed(values).cols is cols  # derived once
     with torch.no_grad():
