@@ -49,7 +49,8 @@ def kernel_problem(module: nn.Module) -> str | None:
 
 
 class _LayerKernel:
-    """Per-layer state: the plan and the packed structure of the current masks."""
+    """Per-layer state: the plan, the packed structure of the current masks (eager) and their slots with the
+    flag that lets a compiled forward call the operator."""
 
     def __init__(self, layer: SparseLayer, sparsifier: Sparsifier, repeats: int) -> None:
         self.layer, self.sparsifier, self.repeats = layer, sparsifier, repeats
