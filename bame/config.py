@@ -63,6 +63,8 @@ class TrainConfig:
     storage: str = option("dense", "dense, or compressed: from the iteration the method allows it on, every sparse "
                                    "layer keeps only its kept values and the optimizer updates only those",
                           choices=STORAGES)
+    compile: str = option("none", "torch.compile the model for training and evaluation with this backend "
+                                  "(inductor, aot_eager), or none", choices=("none", "inductor", "aot_eager"))
     check_masks: bool = option(False, "verify after every mask update that all ranks hold identical masks")
     target: dict[str, Any] = option(None, "a recipe's paper figures, for reports", default_factory=dict)
 
@@ -72,7 +74,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 #: Fields that may change on --resume (they do not change what is computed).
-RESUMABLE = {"workers", "data_dir", "download", "device", "check_masks", "target"}
+RESUMABLE = {"workers", "data_dir", "download", "device", "check_masks", "target", "compile"}
 #: Keys of ``config.yaml`` that are not options: what the run resolved them to.
 RESOLVED = "resolved"
 

@@ -85,6 +85,12 @@ def wrap(model: nn.Module, info: distributed.DistInfo) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None)
 
 
+def compiled(net: nn.Module, cfg: config.TrainConfig) -> nn.Module:
+    """``net`` under ``torch.compile`` with ``cfg.compile``'s backend ("none": as it is). The model itself is
+    not changed: its names, state dict and checkpoints are those of the plain model."""
+    return net if cfg.compile == "none" else torch.compile(net, backend=cfg.compile)
+
+
 def run_lengths(cfg: config.TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
     """``(T, nominal)`` of a run of ``cfg``: :func:`bame.schedules.schedule_lengths` with its method's factor."""
     return schedule_lengths(cfg.epochs, steps_per_epoch, methods.get(cfg.method).schedule_factor, cfg.max_steps)
@@ -146,11 +152,11 @@ def build(cfg: config.TrainConfig, out: Path, info: distributed.DistInfo) -> Run
     sparsifier = attach(cfg, model, optimizer, total, len(train_loader), verbose=info.is_main)
     cost = flops.measure(model, (spec.in_channels, spec.image_size, spec.image_size))
     ledger = flops.Ledger(cost, batch_size=cfg.batch_size, nominal_steps=nominal)
-    net = wrap(model, info)
+    net = compiled(wrap(model, info), cfg)
     segments = sorted({0, *sparsifier.method.restart_steps(), total})
     run = Run(cfg, out, info, train_loader, test_loader, model, net, optimizer, sparsifier, ledger, total, segments)
     if info.enabled:  # compressed storage replaces the sparse weights: DDP must hold the new parameters
-        sparsifier.switch_callbacks.append(lambda: setattr(run, "net", wrap(run.model, run.info)))
+        sparsifier.switch_callbacks.append(lambda: setattr(run, "net", compiled(wrap(run.model, run.info), run.cfg)))
     return run
 
 

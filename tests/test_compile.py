@@ -9,6 +9,7 @@ layers switch to compressed storage (the modules change once).
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -289,3 +290,34 @@ def test_every_method_compiles_without_graph_breaks_or_recompiles(method):
     counters = torch._dynamo.utils.counters
     assert counters["stats"]["unique_graphs"] <= phase_kinds(sp) + (method == "maxq") <= 3
     assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("storage", ["dense", "compressed"])
+def test_bame_train_compiled_trains_as_eager(tmp_path, storage):
+    """``bame train --compile BACKEND``: the run's losses and accuracy match the eager run's, and the model's
+    names, state dict and checkpoint are the plain model's (nothing of the compiled wrapper)."""
+    from bame import config
+    from bame.engine import fit
+
+    def run(compile_as: str) -> tuple[list[dict], dict]:
+        cfg = config.build({"dataset": "digits", "method": "bame", "nm": "1:4", "epochs": 1, "batch_size": 64,
+                            "max_steps": 12, "storage": storage, "compile": compile_as,
+                            "method_options": {"delta_t": 4, "t_i": 2}})
+        out = tmp_path / compile_as
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        fit(cfg, out)
+        graphs[compile_as] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, torch.load(out / "checkpoint.pt", weights_only=True)
+
+    graphs: dict[str, int] = {}
+
+    eager, eager_state = run("none")
+    compiled, state = run("aot_eager")
+    assert state["config"]["compile"] == "aot_eager" and graphs["none"] == 0 and graphs["aot_eager"] >= 1
+    assert [r["step"] for r in compiled] == [r["step"] for r in eager] == [12]
+    for key in ("train_loss", "test_loss", "train_top1", "test_top1"):
+        assert compiled[0][key] == pytest.approx(eager[0][key], rel=1e-4, abs=1e-4), key
+    assert list(state["model"]) == list(eager_state["model"])
+    assert not any("_orig_mod" in key for key in state["model"])
