@@ -123,7 +123,7 @@ def share_tensors(squashed: nn.Module, attached: nn.Module) -> None:
     own = dict(attached.named_parameters()) | dict(attached.named_buffers())
     for name, tensor in list(squashed.named_parameters()) + list(squashed.named_buffers()):
         module_name, _, leaf = name.rpartition(".")
-        raw = own.get(f"{module_name}.parametrizations.{leaf}.original", own[name] if name in own else None)
+        raw = own.get(f"{module_name}.parametrizations.{leaf}.original", own.get(name))
         if raw is None or not torch.equal(raw, tensor):
             raise SystemExit(f"bench_overhead: {name} of the squashed model differs from the attached model's")
         tensor.data = raw.data  # the same storage (the Parameter object stays)

@@ -33,6 +33,7 @@ from bame.kernels.linear import NMLinearFunction
 from bame.kernels.packed import pack
 from bame.kernels.plan import Plan, choose_plan
 from bame.masking import default_forward
+from bame.nm import kept_indices
 
 if TYPE_CHECKING:
     from bame.sparsifier import SparseLayer, Sparsifier
@@ -83,15 +84,14 @@ class _LayerKernel:
 
     def _refresh_positions(self) -> bool:
         """The kept entries' in-block positions (False where a block keeps more than N: not N:M yet)."""
-        mask, n, m = self.layer.par.mask, self.layer.n, self.layer.m
+        mask, n = self.layer.par.mask, self.layer.n
         if mask._version == self.positions_version and self.positions is not None:
             return True
-        blocks = mask.reshape(-1, m)  # Linear (out, in) and 1x1 conv (out, in, 1, 1): blocks along in
+        blocks = self.layer.blocks(mask)  # (K, M)
         if bool((blocks.sum(1) > n).any()):
             return False
-        # the kept positions first (a block keeping fewer than N adds pruned ones: their values are zero)
-        order = torch.sort(blocks.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :n]
-        positions = order.to(torch.uint8).contiguous()
+        # a block keeping fewer than N is padded with pruned positions: their values are zero
+        positions = kept_indices(blocks, n).to(torch.uint8)
         if self.positions is None or self.positions.shape != positions.shape:
             self.positions = positions
         else:

@@ -171,11 +171,16 @@ compressed_conv.register_autograd(
 
 
 # -- a dense weight's values at the slots ------------------------------------------------------------------
+def _structure_of(shape: list[int], positions: Tensor) -> SlotStructure:
+    """The slots ``positions`` (uint8 ``(K, N)``) of a weight of ``shape``, N:M along its input channels."""
+    return SlotStructure(tuple(shape), positions.shape[1], math.prod(shape) // positions.shape[0], positions)
+
+
 @torch.library.custom_op("bame::slot_values", mutates_args=())
 def slot_values(weight: Tensor, positions: Tensor) -> Tensor:
-    """``(K, N)``: the row-major ``weight``'s blocks of M consecutive entries (K = numel / M, M = numel / K)
-    at the in-block ``positions`` (uint8 ``(K, N)``)."""
-    return weight.detach().reshape(positions.shape[0], -1).gather(1, positions.long())
+    """``(K, N)``: the weight's values at the slots ``positions`` (uint8 ``(K, N)`` in-block positions of its
+    blocks of M = numel / K along the input channels)."""
+    return _structure_of(list(weight.shape), positions).gather(weight.detach())
 
 
 @slot_values.register_fake
@@ -187,9 +192,7 @@ def _(weight, positions):
 def slot_scatter(values: Tensor, positions: Tensor, shape: list[int]) -> Tensor:
     """The inverse of ``slot_values``: a dense tensor of ``shape`` holding ``values`` at the slots, zeros
     elsewhere."""
-    k = positions.shape[0]
-    blocks = torch.zeros(k, math.prod(shape) // k, dtype=values.dtype, device=values.device)
-    return blocks.scatter_(1, positions.long(), values).reshape(shape)
+    return _structure_of(shape, positions).dense(values)
 
 
 @slot_scatter.register_fake
