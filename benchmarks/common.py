@@ -169,6 +169,26 @@ def make_trainee(base: nn.Module, method: str | None, nm: str, copy_model: bool 
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
+def balanced_orders(n: int) -> list[list[int]]:
+    """Run orders of ``n`` candidates balanced for first-order carryover (Williams' Latin square).
+
+    Every candidate takes every position once per cycle, and every ordered pair ``(a, b)`` with ``b``
+    right after ``a`` occurs exactly once (``n`` even: ``n`` orders) or twice (``n`` odd: ``2n`` orders,
+    each order followed by its reverse).
+    """
+    first, low, high = [0], 1, n - 1
+    while low <= high:  # 0, 1, n-1, 2, n-2, ...
+        first.append(low)
+        low += 1
+        if low <= high:
+            first.append(high)
+            high -= 1
+    rows = [[(i + r) % n for i in first] for r in range(n)]
+    if n % 2:
+        rows = [order for row in rows for order in (row, row[::-1])]
+    return rows
+
+
 def time_round_robin(
     cands: dict[str, Callable[[], None]],
     repeats: int,
@@ -180,8 +200,11 @@ def time_round_robin(
     """Milliseconds per call of every candidate, interleaved.
 
     Each of ``warmup + repeats`` rounds runs every candidate once (``inner`` consecutive calls, the
-    sample being their mean), starting from a different candidate each round. Warm-up rounds are
-    dropped. ``gc.collect()`` runs between rounds, outside the timed region.
+    sample being their mean), in the orders of :func:`balanced_orders`: over a cycle of rounds each
+    candidate runs at every position and right after every other candidate equally often. (With a fixed
+    cyclic order a candidate always follows the same one, whose cache footprint it inherits: a model that
+    shares its weights with its predecessor starts warm, every round.) Warm-up rounds are dropped.
+    ``gc.collect()`` runs between rounds, outside the timed region.
 
     Args:
         cpu_out: if given, filled with the process CPU time (all threads, ``time.process_time``) of the
@@ -195,10 +218,10 @@ def time_round_robin(
     names = list(cands)
     samples: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
+    orders = balanced_orders(len(names))
     for r in range(warmup + repeats):
         gc.collect()
-        start = r % len(names)
-        for k in names[start:] + names[:start]:
+        for k in (names[i] for i in orders[r % len(orders)]):
             fn = cands[k]
             c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(inner):

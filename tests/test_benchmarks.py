@@ -136,17 +136,24 @@ def test_bench_compressed(tmp_path):
     assert [t["target"].split()[0] for t in record["targets"]] == ["mlp", "mlp", "vit", "vit", "bame"] + ["mlp"] * 4
 
 
+# quick mode: two module objects of each inference kind
+INFER_QUICK = {"infer attached", "infer attached 2", "infer squashed", "infer squashed 2", "infer squashed copy"}
+
+
 def test_bench_overhead(tmp_path):
     record = run("bench_overhead", tmp_path, "--backend", "eager")
     check_machine(record)
     assert [(r["model"], r["batch"]) for r in record["results"]] == [("resnet18", 2), ("vit_tiny", 2)]
     for rec in record["results"]:
         assert set(rec["ms"]) == {"eager dense", "eager bame", "compiled dense", "compiled bame", "eager dense again",
-                                  "infer attached", "infer squashed", "infer squashed again",
-                                  "infer squashed copy"}
+                                  *INFER_QUICK}
         assert set(rec["ratios"]) == {"eager bame/dense", "compiled bame/dense", "A/A eager dense again/dense",
-                                      "inference attached/squashed", "A/A inference squashed again/squashed",
+                                      "inference attached/squashed", "A/A inference squashed slowest/fastest",
                                       "placement: squashed copy/squashed"}
+        ms = rec["ms"]
+        attached = (ms["infer attached"] + ms["infer attached 2"]) / 2
+        squashed = (ms["infer squashed"] + ms["infer squashed 2"]) / 2
+        assert rec["ratios"]["inference attached/squashed"] == pytest.approx(attached / squashed)
     # quick mode times batch 2: only the inference targets apply
     assert [t["target"].split(" attached")[0] for t in record["targets"]] == ["resnet18 batch 2", "vit_tiny batch 2"]
 
@@ -154,7 +161,7 @@ def test_bench_overhead(tmp_path):
 def test_bench_overhead_inference_part_alone(tmp_path):
     record = run("bench_overhead", tmp_path, "--models", "vit_tiny", "--parts", "inference")
     (rec,) = record["results"]
-    assert set(rec["ms"]) == {"infer attached", "infer squashed", "infer squashed again", "infer squashed copy"}
+    assert set(rec["ms"]) == INFER_QUICK
     assert len(rec["samples_ms"]["infer attached"]) == 2 and record["config"]["inference_repeats"] == 2
     assert [t["target"] for t in record["targets"]] == ["vit_tiny batch 2 attached inference <= 1.02x squashed"]
 
@@ -173,15 +180,16 @@ def test_share_tensors_leaves_only_the_code_different():
 
     base = build("resnet18", quick=True).eval()
     x = torch.randn(2, 3, 32, 32)
-    assert set(inference_candidates(base, x, "2:4")) == {"infer attached", "infer squashed", "infer squashed again",
+    assert set(inference_candidates(base, x, "2:4")) == {"infer attached", "infer attached 2", "infer attached 3",
+                                                         "infer squashed", "infer squashed 2", "infer squashed 3",
                                                          "infer squashed copy"}
-    attached, squashed, other = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
-    for model in (attached, squashed, other):
+    attached, squashed, other, again = (copy.deepcopy(base) for _ in range(4))
+    for model in (attached, squashed, other, again):
         sp = bame.sparsify(model, None, "bame", "2:4", total_steps=10**9, t_i=0, t_f=10**9, delta_t=100,
                            verbose=False)
         sp.step_count = 101
         sp.prepare(101)
-        if model is not attached:
+        if model not in (attached, again):
             sp.squash()
     before = {k: v.data_ptr() for k, v in squashed.state_dict().items()}
     share_tensors(squashed, attached)
@@ -190,6 +198,10 @@ def test_share_tensors_leaves_only_the_code_different():
     assert shared == list(before) and all(before[k] != squashed.state_dict()[k].data_ptr() for k in before)
     with torch.no_grad():
         torch.testing.assert_close(squashed(x), attached(x), rtol=0, atol=0)
+    # another attached copy shares every tensor, its masks included
+    share_tensors(again, attached)
+    assert [t.data_ptr() for t in list(again.parameters()) + list(again.buffers())] == [
+        t.data_ptr() for t in list(attached.parameters()) + list(attached.buffers())]
     # a squashed model whose weights differ from the attached one's is refused, not silently shared
     with torch.no_grad():
         other.layer1[0].conv1.weight.add_(1.0)
@@ -214,3 +226,22 @@ def test_gpu_check_says_so_without_a_gpu():
                           env={"PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == ["gpu_check: no CUDA device on this machine: nothing to check"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
+def test_balanced_orders_balance_positions_and_predecessors(n):
+    from collections import Counter
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import balanced_orders
+    finally:
+        sys.path.remove(str(BENCH))
+    orders = balanced_orders(n)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    reps = len(orders) // n
+    for pos in range(n):  # every candidate at every position equally often
+        assert Counter(order[pos] for order in orders) == {c: reps for c in range(n)}
+    pairs = Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
+    assert pairs == {(a, b): reps for a in range(n) for b in range(n) if a != b}
