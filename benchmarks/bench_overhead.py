@@ -41,6 +41,7 @@ from torch import nn
 
 import bame
 from bame import models
+from bame.masking import is_attached, raw_weight
 
 TARGETS = {("eager", 128): 1.05, ("eager", 8): 1.10, ("compiled", 128): 1.03, ("compiled", 8): 1.03}
 INFERENCE_TARGET = 1.02
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--inference-objects", type=int, default=3,
                     help="module objects per inference kind (attached, squashed), all on the same tensors: "
                          "their means are compared, averaging out where each object landed in memory")
+    ap.add_argument("--inference-plain", action="store_true",
+                    help="also time as many attached objects run as plain modules (their user's classes, the raw "
+                         "weight): whether a gap follows the attached code or the objects")
     args = ap.parse_args(argv)
     if args.quick:
         args.batches, args.repeats, args.warmup = "2", min(args.repeats, 2), 1
@@ -136,15 +140,29 @@ def share_tensors(other: nn.Module, attached: nn.Module) -> None:
         tensor.data = raw.data  # the same storage (the Parameter object stays)
 
 
-def inference_candidates(base: nn.Module, x: torch.Tensor, nm: str, objects: int = 3) -> dict[str, Callable[[], None]]:
-    """``objects`` models attached to their sparsifier (BAME's masks, eval) and as many squashed, all on the
-    first attached model's tensors, plus one squashed copy on tensors of its own."""
-    # created alternately, so that neither kind's objects sit together in memory
-    kinds = [(kind, i) for i in range(1, objects + 1) for kind in ("infer attached", "infer squashed")]
+def as_plain(model: nn.Module) -> None:
+    """Turn every attached layer of ``model`` back into its user's class computing with its raw weight, while
+    the object keeps all it held attached (its parametrization modules and their buffers): the diagnostic
+    ``infer plain`` kind, the attached objects with the squashed model's very code."""
+    for module in model.modules():
+        if is_attached(module):
+            raw = raw_weight(module)
+            module.__class__ = module._bame_base.__mro__[1]  # the parametrized class's base: the user's class
+            module._parameters["weight"] = raw
+
+
+def inference_candidates(base: nn.Module, x: torch.Tensor, nm: str, objects: int = 3,
+                         plain: bool = False) -> dict[str, Callable[[], None]]:
+    """``objects`` models attached to their sparsifier (BAME's masks, eval) and as many squashed (and, with
+    ``plain``, as many attached ones run as plain modules: :func:`as_plain`), all on the first attached model's
+    tensors, plus one squashed copy on tensors of its own."""
+    # created alternately, so that no kind's objects sit together in memory
+    names = ("infer attached", "infer squashed") + (("infer plain",) if plain else ())
+    kinds = [(kind, i) for i in range(1, objects + 1) for kind in names]
     kinds.append(("infer squashed copy", 1))
     cands, first = {}, None
     for kind, number in kinds:
-        squash = kind != "infer attached"
+        squash = kind.startswith("infer squashed")
         model = copy.deepcopy(base).eval()  # the same weights, so the same masks
         sp = bame.sparsify(model, None, "bame", nm, total_steps=common.TOTAL_STEPS, verbose=False,
                            **common.EVOLUTION)
@@ -156,6 +174,8 @@ def inference_candidates(base: nn.Module, x: torch.Tensor, nm: str, objects: int
             first = model
         elif kind != "infer squashed copy":
             share_tensors(model, first)
+        if kind == "infer plain":
+            as_plain(model)
         cands[kind if number == 1 else f"{kind} {number}"] = inference(model, x)
     return dict(sorted(cands.items()))  # each kind's objects together in the table
 
@@ -184,7 +204,8 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     if modes:
         net, opt, sp = trainee(base, False, args.nm, None)
         cands["eager dense again"] = train_step(net, opt, sp, x, y)  # the A/A control
-    infer = inference_candidates(base, x, args.nm, args.inference_objects) if "inference" in parts else {}
+    infer = (inference_candidates(base, x, args.nm, args.inference_objects, args.inference_plain)
+             if "inference" in parts else {})
     common.log(f"{name} batch {batch}: {len(cands)} training and {len(infer)} inference candidates")
     load = list(os.getloadavg())
     samples = common.time_round_robin(cands, args.repeats, args.warmup,
@@ -203,6 +224,8 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
         group = [v for k, v in ms.items() if k.startswith("infer squashed") and k != "infer squashed copy"]
         ratios["A/A inference squashed slowest/fastest"] = max(group) / min(group)
         ratios["placement: squashed copy/squashed"] = ms["infer squashed copy"] / squashed
+        if args.inference_plain:
+            ratios["diagnostic: plain/squashed"] = group_mean(ms, "infer plain") / squashed
     return {"model": name, "batch": batch, "ms": ms, "samples_ms": samples, "ratios": ratios,
             "loadavg": {"before": load, "after": list(os.getloadavg())}}
 
@@ -234,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "config": {"models": args.models, "batches": args.batches, "repeats": args.repeats,
                          "warmup": args.warmup, "backend": args.backend, "nm": args.nm, "quick": args.quick,
                          "parts": args.parts, "inference_repeats": args.inference_repeats,
-                         "inference_objects": args.inference_objects},
+                         "inference_objects": args.inference_objects, "inference_plain": args.inference_plain},
               "results": results, "targets": targets(results)}
     record["bame_source_end"] = common.check_source(record["machine"]["bame_source"])
     common.write_json(args.out, record)

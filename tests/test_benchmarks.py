@@ -159,9 +159,10 @@ def test_bench_overhead(tmp_path):
 
 
 def test_bench_overhead_inference_part_alone(tmp_path):
-    record = run("bench_overhead", tmp_path, "--models", "vit_tiny", "--parts", "inference")
+    record = run("bench_overhead", tmp_path, "--models", "vit_tiny", "--parts", "inference", "--inference-plain")
     (rec,) = record["results"]
-    assert set(rec["ms"]) == INFER_QUICK
+    assert set(rec["ms"]) == INFER_QUICK | {"infer plain", "infer plain 2"}
+    assert "diagnostic: plain/squashed" in rec["ratios"]
     assert len(rec["samples_ms"]["infer attached"]) == 2 and record["config"]["inference_repeats"] == 2
     assert [t["target"] for t in record["targets"]] == ["vit_tiny batch 2 attached inference <= 1.02x squashed"]
 
@@ -173,7 +174,7 @@ def test_share_tensors_leaves_only_the_code_different():
 
     sys.path.insert(0, str(BENCH))
     try:
-        from bench_overhead import build, inference_candidates, share_tensors
+        from bench_overhead import as_plain, build, inference_candidates, share_tensors
     finally:
         sys.path.remove(str(BENCH))
     import bame
@@ -202,6 +203,13 @@ def test_share_tensors_leaves_only_the_code_different():
     share_tensors(again, attached)
     assert [t.data_ptr() for t in list(again.parameters()) + list(again.buffers())] == [
         t.data_ptr() for t in list(attached.parameters()) + list(attached.buffers())]
+    # run as plain modules, it computes the same with the plain classes' code on the raw weight
+    as_plain(again)
+    assert type(again.layer1[0].conv1) is torch.nn.Conv2d
+    raw = attached.layer1[0].conv1.parametrizations.weight.original
+    assert again.layer1[0].conv1.weight.data_ptr() == raw.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), attached(x), rtol=0, atol=0)
     # a squashed model whose weights differ from the attached one's is refused, not silently shared
     with torch.no_grad():
         other.layer1[0].conv1.weight.add_(1.0)
