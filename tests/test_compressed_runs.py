@@ -8,7 +8,12 @@ update every 4 steps in epoch 2.
   (bit for bit: weights, masks, metrics, the update log, the FLOPs ledger);
 * with the default sparse kernels, it trains an N:M run whose layers report their plans;
 * a run stopped before, at and after the switch resumes bit-exactly (the chosen plans are in the
-  checkpoint, so the resumed run computes with the same products whatever timing says that day);
+  checkpoint, so the resumed run computes with the same products whatever timing says that day: tested by
+  resuming under timings that would pick dense products everywhere);
+
+The planners' timer is pinned in this module (fixed milliseconds, :func:`_timer`): the reference run may be
+another xdist worker's, timed under another load, and measured plans that differ would make two runs differ
+in their summation order, which is not what these tests are about.
 * a resume with another storage is refused in one line; ``bame eval`` and ``bame export`` read the run.
 """
 
@@ -58,6 +63,42 @@ def _make_runs(root: Path) -> dict[str, str]:
         _fit(root / name, **changes)
         out[name] = str(root / name)
     return out
+
+
+def _timer(prefer_dense: bool):
+    """Stands in for the planners' ``time_interleaved``: fixed milliseconds per candidate name (a sparse form
+    ahead of dense by more than the planners' margin, the first in sorted order fastest; or dense fastest)."""
+
+    def time_interleaved(cands, device, repeats, warmup):
+        names = sorted(cands)
+
+        def ms(name: str) -> float:
+            dense = name == "dense" or name.endswith(" dense")
+            if prefer_dense:
+                return 0.5 if dense else 1.0
+            return 1.0 if dense else 0.5 + 0.01 * names.index(name)
+
+        return {name: ms(name) for name in cands}
+
+    return time_interleaved
+
+
+def _pin_timer(mp: pytest.MonkeyPatch, prefer_dense: bool) -> None:
+    from bame.kernels import plan
+
+    plan.clear_plan_cache()
+    mp.setattr("bame.kernels.plan.time_interleaved", _timer(prefer_dense))
+    mp.setattr("bame.kernels.compressed.time_interleaved", _timer(prefer_dense))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pinned_timer():
+    from bame.kernels import plan
+
+    with pytest.MonkeyPatch.context() as mp:
+        _pin_timer(mp, prefer_dense=False)
+        yield
+    plan.clear_plan_cache()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +151,12 @@ def test_a_compressed_run_stopped_and_resumed_is_bit_exact(runs, stop, tmp_path,
     if stop >= SWITCH:  # the plans were chosen at the switch, and saved
         plans = [layer["plan"] for layer in state["sparsifier"]["layers"].values()]
         assert all(plan is not None and plan["kind"] in ("linear", "conv") for plan in plans)
-    _fit(out, resume=True, storage="compressed")
+        # another day's timings would pick dense products everywhere: the resumed run must keep the saved plans
+        _pin_timer(monkeypatch, prefer_dense=True)
+    try:
+        _fit(out, resume=True, storage="compressed")
+    finally:
+        _pin_timer(monkeypatch, prefer_dense=False)
     reference = runs["compressed"]
     assert_same(weights(out), weights(reference), "model.safetensors")
     got, want = checkpoint_state(out), checkpoint_state(reference)

@@ -63,8 +63,11 @@ _CACHE: dict[tuple[Any, ...], Plan] = {}
 
 
 def clear_plan_cache() -> None:
-    """Forget every cached plan (after a change of machine load, threads, ...)."""
+    """Forget every cached plan, Linear and convolution (after a change of machine load, threads, ...)."""
+    from bame.kernels.conv import _PLANS
+
     _CACHE.clear()
+    _PLANS.clear()
 
 
 def tokens_bucket(tokens: int) -> int:
