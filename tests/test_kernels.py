@@ -354,3 +354,12 @@ def test_semi_structured_plumbing_pads_transposes_and_caches(monkeypatch) -> Non
     assert cache.get("fwd", w) is first  # micro-batches of one step reuse it
     w.add_(0.0)  # a new version (an optimizer step): compressed again
     assert cache.get("fwd", w) is not first and len(calls) == 4
+
+
+def test_clear_plan_cache_forgets_linear_and_convolution_plans():
+    from bame.kernels import conv, plan
+
+    plan._CACHE[("linear",)] = plan.Plan()
+    conv._PLANS[("conv",)] = conv.ConvPlan()
+    plan.clear_plan_cache()
+    assert plan._CACHE == {} and conv._PLANS == {}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bame import native
+from bame.kernels.plan import plan_cache
 
 __all__ = ["ConvGeometry", "ConvTerms", "Stacking", "conv_dw", "conv_dx", "conv_forward", "conv_terms",
            "native_conv_problem"]
@@ -277,7 +278,7 @@ class ConvPlan:
         return self.fwd == self.dx == self.dw == "dense"
 
 
-_PLANS: dict[tuple, ConvPlan] = {}
+_PLANS: dict[tuple, ConvPlan] = plan_cache()
 
 
 def choose_conv_plan(geo: ConvGeometry, n: int, m: int, batch: int, dtype: torch.dtype, device: torch.device,

@@ -59,15 +59,23 @@ class Plan:
         return cls(**d)
 
 
-_CACHE: dict[tuple[Any, ...], Plan] = {}
+_CACHES: list[dict[tuple[Any, ...], Any]] = []
+
+
+def plan_cache() -> dict[tuple[Any, ...], Any]:
+    """A new cache of plans that :func:`clear_plan_cache` empties (one per planner: Linear, convolution)."""
+    cache: dict[tuple[Any, ...], Any] = {}
+    _CACHES.append(cache)
+    return cache
+
+
+_CACHE: dict[tuple[Any, ...], Plan] = plan_cache()
 
 
 def clear_plan_cache() -> None:
     """Forget every cached plan, Linear and convolution (after a change of machine load, threads, ...)."""
-    from bame.kernels.conv import _PLANS
-
-    _CACHE.clear()
-    _PLANS.clear()
+    for cache in _CACHES:
+        cache.clear()
 
 
 def tokens_bucket(tokens: int) -> int:
