@@ -180,9 +180,13 @@ def inference_candidates(base: nn.Module, x: torch.Tensor, nm: str, objects: int
     return dict(sorted(cands.items()))  # each kind's objects together in the table
 
 
+def group(ms: dict[str, float], kind: str) -> list[float]:
+    """The median times of one inference kind's objects (``kind``, ``kind 2``, ...)."""
+    return [v for k, v in ms.items() if k == kind or (k.startswith(kind + " ") and k[len(kind) + 1:].isdigit())]
+
+
 def group_mean(ms: dict[str, float], kind: str) -> float:
-    """The mean median time of one inference kind's objects (``kind``, ``kind 2``, ...)."""
-    values = [v for k, v in ms.items() if k == kind or (k.startswith(kind + " ") and k[len(kind) + 1:].isdigit())]
+    values = group(ms, kind)
     return sum(values) / len(values)
 
 
@@ -221,8 +225,8 @@ def measure(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
         # placement moves it by up to 4% at batch 8); the squashed group's spread is the floor
         squashed = group_mean(ms, "infer squashed")
         ratios["inference attached/squashed"] = group_mean(ms, "infer attached") / squashed
-        group = [v for k, v in ms.items() if k.startswith("infer squashed") and k != "infer squashed copy"]
-        ratios["A/A inference squashed slowest/fastest"] = max(group) / min(group)
+        floor = group(ms, "infer squashed")
+        ratios["A/A inference squashed slowest/fastest"] = max(floor) / min(floor)
         ratios["placement: squashed copy/squashed"] = ms["infer squashed copy"] / squashed
         if args.inference_plain:
             ratios["diagnostic: plain/squashed"] = group_mean(ms, "infer plain") / squashed

@@ -10,11 +10,11 @@ update every 4 steps in epoch 2.
 * a run stopped before, at and after the switch resumes bit-exactly (the chosen plans are in the
   checkpoint, so the resumed run computes with the same products whatever timing says that day: tested by
   resuming under timings that would pick dense products everywhere);
+* a resume with another storage is refused in one line; ``bame eval`` and ``bame export`` read the run.
 
 The planners' timer is pinned in this module (fixed milliseconds, :func:`_timer`): the reference run may be
 another xdist worker's, timed under another load, and measured plans that differ would make two runs differ
 in their summation order, which is not what these tests are about.
-* a resume with another storage is refused in one line; ``bame eval`` and ``bame export`` read the run.
 """
 
 from __future__ import annotations

@@ -93,7 +93,6 @@ def test_strided_conv_operator_runs_dense_products():
     assert torch.allclose(y, F.conv2d(x, dense, None, 2, 1), atol=1e-5)
 
 
-
 @pytest.mark.parametrize("shape, n, m", [((8, 16), 2, 4), ((6, 32, 1, 1), 1, 16)])
 def test_slot_values_and_their_gradient(shape, n, m):
     """A dense weight's values at the slots, and back: the gradient of the values lands at the slots only."""
